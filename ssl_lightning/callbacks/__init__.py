@@ -1,0 +1,4 @@
+"""Monitoring and reporting callbacks, each independent and configurable from YAML."""
+from ssl_lightning.callbacks.summary import FitSummary
+
+__all__ = ["FitSummary"]

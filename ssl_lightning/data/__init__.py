@@ -1,0 +1,1 @@
+"""Datasets, augmented views and the one data module shared by every method."""

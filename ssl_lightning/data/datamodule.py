@@ -1,0 +1,122 @@
+"""SSLDataModule: one data module for every method.
+
+Training batches are ``(views, labels)`` with ``views`` a list of (b, C, H, W) tensors, one per
+configured view; validation batches are ``(images, labels)`` for the probes. ``batch_size`` is the
+GLOBAL batch, divided over devices x nodes; Lightning's distributed sampler shards the data.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_lightning.data.datasets import dataset_info, find_data_dir, load_dataset
+from ssl_lightning.data.views import MultiViewTransform, ViewConfig, build_eval_transform
+
+
+class TransformedDataset(Dataset):
+    """(image, label) -> (transform(image), label)."""
+
+    def __init__(self, base: Dataset, transform: Callable):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+def default_views(size: int) -> list[ViewConfig]:
+    """Two symmetric SimCLR-style views."""
+    return [ViewConfig(size=size), ViewConfig(size=size)]
+
+
+class SSLDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        dataset: str = "fashion_mnist",
+        data_dir: str | None = None,
+        batch_size: int = 256,
+        num_workers: int = 4,
+        views: list[ViewConfig] | None = None,
+        labelled: bool = True,
+        download: bool = False,
+        synthetic_size: int = 512,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be >= 1")
+        crop = views[0].size if views else None
+        self.info = dataset_info(dataset, data_dir, image_size=crop, labelled=labelled)
+        self.views = views or default_views(self.info.image_size)
+        if not download:
+            find_data_dir(dataset, data_dir)  # a missing or incomplete data dir fails here, not mid-fit
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    # Read by the CLI to configure the model (link_arguments apply_on="instantiate").
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def channels(self) -> int:
+        return self.info.channels
+
+    @property
+    def image_size(self) -> int:
+        return self.views[0].size
+
+    def per_device_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.hparams.batch_size % world:
+            raise ValueError(
+                f"batch_size {self.hparams.batch_size} is not divisible by {world} devices "
+                f"(devices x nodes); use a multiple of {world}, e.g. {world * max(1, self.hparams.batch_size // world)}")
+        return self.hparams.batch_size // world
+
+    def setup(self, stage: str) -> None:
+        self.per_device_batch_size()  # fail early, before any data is read, if it does not divide
+        hp, info = self.hparams, self.info
+        if stage == "fit" and self.train_set is None:
+            base = load_dataset(hp.dataset, hp.data_dir, "train", labelled=hp.labelled, download=hp.download,
+                                synthetic_size=hp.synthetic_size, image_size=info.image_size)
+            if len(base) < hp.batch_size:
+                raise ValueError(
+                    f"the {hp.dataset} training set has {len(base)} samples, fewer than one global batch of "
+                    f"{hp.batch_size}; lower data.batch_size to at most {len(base)}")
+            self.train_set = TransformedDataset(base, MultiViewTransform(self.views, info.mean, info.std))
+        if stage in ("fit", "validate") and self.val_set is None and info.num_classes > 0:
+            try:
+                base = load_dataset(hp.dataset, hp.data_dir, "val", labelled=True, download=hp.download,
+                                    synthetic_size=hp.synthetic_size, image_size=info.image_size)
+            except FileNotFoundError as err:
+                warnings.warn(f"no labelled validation split ({err}); validation probes are off", stacklevel=2)
+                return
+            self.val_set = TransformedDataset(base, build_eval_transform(self.image_size, info.mean, info.std))
+
+    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size(),
+            shuffle=train,
+            drop_last=train,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, train=False) if self.val_set is not None else []

@@ -1,0 +1,125 @@
+"""What every SSL method shares, and nothing more: backbone, online probe, optimizer wiring.
+
+A method subclasses SSLMethod, builds its heads in __init__ and implements ``ssl_step(views)``
+returning an SSLOutput (loss, backbone features of the first view for the probe, terms to log).
+Monitoring lives in callbacks; math lives in ssl_lightning.losses.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+from ssl_lightning.checkpointing import rng_state, set_rng_state
+from ssl_lightning.models.backbones import build_backbone
+from ssl_lightning.models.norm import convert_to_global_bn
+from ssl_lightning.models.probe import LinearProbe
+from ssl_lightning.optim import OptimizerConfig, build_optimizer, build_scheduler, param_groups
+
+
+@dataclass
+class SSLOutput:
+    loss: torch.Tensor
+    features: torch.Tensor  # backbone features of views[0], (b, feature_dim)
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SSLMethod(pl.LightningModule):
+    """Base LightningModule. ``batch_size`` is the GLOBAL batch (for lr scaling); ``num_classes``,
+    ``in_chans`` and ``image_size`` are filled from the data module by the CLI."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        backbone_kwargs: dict | None = None,
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        sync_bn: bool = True,
+        channels_last: bool = False,
+        batch_size: int = 256,
+        num_classes: int = 0,
+        in_chans: int = 3,
+        image_size: int = 32,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim_cfg = optimizer
+        self.backbone, self.feature_dim = build_backbone(
+            backbone, in_chans=in_chans, image_size=image_size, **(backbone_kwargs or {}))
+        self.probe = LinearProbe(self.feature_dim, num_classes) if num_classes > 0 else None
+        if self.probe is not None:
+            top5 = min(5, num_classes)
+            self.probe_metrics = torch.nn.ModuleDict({
+                f"{split}_top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+                for split in ("train", "val") for k in sorted({1, top5})})
+        else:
+            warnings.warn("num_classes is 0 (unlabelled data): the online linear probe is off", stacklevel=2)
+
+    # ---- what a method implements -------------------------------------------------------
+    def ssl_step(self, views: list[torch.Tensor]) -> SSLOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement ssl_step(views)")
+
+    # ---- Lightning hooks ----------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.sync_bn:
+            convert_to_global_bn(self)
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features (N, feature_dim): the representation being learned."""
+        return self.backbone(self._prepare(images))
+
+    def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
+        views, labels = batch
+        out = self.ssl_step([self._prepare(v) for v in views])
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"{type(self).__name__} loss is {out.loss.item()} at step {self.global_step}; "
+                "lower optimizer.lr, raise warmup_epochs, or check the inputs")
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer else 0.0)
+        if self.probe is None:
+            return out.loss
+        probe_loss, logits, kept = self.probe.loss(out.features, labels)
+        self.log("probe/train_loss", probe_loss)
+        if len(kept):
+            self._log_accuracy("train", logits, kept, on_step=True)
+        return out.loss + probe_loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if self.probe is None:
+            return
+        images, labels = batch
+        probe_loss, logits, kept = self.probe.loss(self(images), labels)
+        self.log("probe/val_loss", probe_loss, sync_dist=True)
+        self._log_accuracy("val", logits, kept, on_step=False)
+
+    def _log_accuracy(self, split: str, logits: torch.Tensor, labels: torch.Tensor, on_step: bool) -> None:
+        for name, metric in self.probe_metrics.items():
+            if name.startswith(split):
+                metric(logits, labels)
+                self.log(f"probe/{name}", metric, on_step=on_step, on_epoch=not on_step,
+                         prog_bar=name == "val_top1")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = rng_state()  # so a resumed run draws the same augmentations
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_state" in checkpoint:
+            set_rng_state(checkpoint["rng_state"])
+
+    def configure_optimizers(self):
+        trainer = self.trainer
+        global_batch = self.hparams.batch_size * trainer.accumulate_grad_batches
+        optimizer = build_optimizer(param_groups(self, self.probe, self.optim_cfg, global_batch), self.optim_cfg)
+        total = int(trainer.estimated_stepping_batches)
+        per_epoch = max(1, total // trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else total
+        scheduler = build_scheduler(optimizer, self.optim_cfg, total_steps=total, steps_per_epoch=per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,34 @@
+"""Weights & Biases run identity: offline by default, the same run continued after a resume.
+
+The run id lives in ``<run_dir>/wandb_run_id`` next to the checkpoints, so a resumed or requeued
+job (``--ckpt_path last``) logs into the run it started rather than a new one.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+RUN_ID_FILE = "wandb_run_id"
+WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
+WANDB_LOGGER_CLASSES = {WANDB_LOGGER, "pytorch_lightning.loggers.WandbLogger", "WandbLogger",
+                        "pytorch_lightning.loggers.wandb.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger"}
+
+
+def default_logger_config(project: str = "ssl-lightning") -> dict:
+    """The default Trainer logger: W&B, offline unless WANDB_MODE=online; never a default entity."""
+    return {"class_path": "pytorch_lightning.loggers.WandbLogger",
+            "init_args": {"project": project, "offline": os.environ.get("WANDB_MODE", "offline") != "online",
+                          "log_model": False}}
+
+
+def run_id(run_dir: str | os.PathLike, *, resume: bool, is_rank_zero: bool) -> str:
+    """The W&B run id for this fit: the stored one when resuming, else a fresh one (stored by rank 0)."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if resume and path.is_file():
+        return path.read_text().strip()
+    new_id = secrets.token_hex(4)
+    if is_rank_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(new_id + "\n")
+    return new_id

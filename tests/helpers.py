@@ -1,0 +1,33 @@
+"""Tiny, fast configurations shared by the tests."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+from ssl_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint
+from ssl_lightning.data.datamodule import SSLDataModule
+from ssl_lightning.data.views import ViewConfig
+from ssl_lightning.methods import VICReg
+from ssl_lightning.optim import OptimizerConfig
+
+SIZE = 16
+
+
+def tiny_data(**kwargs) -> SSLDataModule:
+    views = [ViewConfig(size=SIZE, scale=(0.5, 1.0)), ViewConfig(size=SIZE, scale=(0.5, 1.0), solarize_p=0.2)]
+    defaults = dict(dataset="synthetic", batch_size=32, num_workers=0, synthetic_size=128, views=views)
+    return SSLDataModule(**{**defaults, **kwargs})
+
+
+def tiny_vicreg(data: SSLDataModule, **kwargs) -> VICReg:
+    defaults = dict(backbone="convnet", backbone_kwargs={"width": 4}, projector="32-32-32",
+                    optimizer=OptimizerConfig(name="lars", lr=0.3, warmup_epochs=0.5),
+                    num_classes=data.num_classes, in_chans=data.channels, image_size=data.image_size,
+                    batch_size=data.hparams.batch_size)
+    return VICReg(**{**defaults, **kwargs})
+
+
+def tiny_trainer(ckpt_dir, **kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
+                    callbacks=[LastCheckpoint(dirpath=str(ckpt_dir))])
+    return pl.Trainer(**{**defaults, **kwargs})
