@@ -18,7 +18,7 @@ from ssl_lightning.callbacks import FitSummary
 from ssl_lightning.checkpointing import LastCheckpoint
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.methods import METHODS, SSLMethod
-from ssl_lightning.wandb_run import WANDB_LOGGER_CLASSES, default_logger_config, run_id
+from ssl_lightning.wandb_run import WANDB_LOGGER_CLASSES, default_logger_config, finish_wandb_run, run_id
 
 SUBCOMMANDS = ("fit", "validate")
 
@@ -56,6 +56,17 @@ def _class_path(name: str) -> str:
     raise SystemExit(f"error: unknown method {name!r}; choose one of {sorted(METHODS)}")
 
 
+class SSLArgumentParser(LightningArgumentParser):
+    """Adds the valid method names to errors about model.class_path."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if "class_path" in message or "dot import path" in message:
+            names = ", ".join(f"{k} ({c.__name__})" for k, c in sorted(METHODS.items()))
+            message += (f"\nmodel.class_path takes a method class name or class path; registered methods: {names}. "
+                        "On the command line --model <name> also works.")
+        super().error(message, ex)
+
+
 class SSLCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs):
         super().__init__(
@@ -65,6 +76,7 @@ class SSLCLI(LightningCLI):
             save_config_callback=LogConfigCallback,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_class=SSLArgumentParser,
             trainer_defaults={
                 "logger": default_logger_config(),
                 "plugins": [{"class_path": "ssl_lightning.checkpointing.AtomicCheckpointIO"}],
@@ -101,6 +113,12 @@ class SSLCLI(LightningCLI):
                 resume = bool(config.get("ckpt_path"))
                 args["id"] = run_id(trainer.default_root_dir, resume=resume, is_rank_zero=rank_zero_only.rank == 0)
                 args["resume"] = "allow"
+
+    def after_fit(self) -> None:
+        finish_wandb_run(self.trainer.logger)
+
+    def after_validate(self) -> None:
+        finish_wandb_run(self.trainer.logger)
 
 
 def main(args: list[str] | None = None) -> None:

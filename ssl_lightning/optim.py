@@ -27,6 +27,7 @@ class OptimizerConfig:
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     lars_eta: float = 0.001
+    lars_trust_clip: bool = False
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.001
     exclude_bias_and_norm: bool = True
@@ -68,7 +69,8 @@ def param_groups(model: nn.Module, probe: nn.Module | None, cfg: OptimizerConfig
 
 def build_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "lars":
-        return Lars(groups, lr=groups[0]["lr"], momentum=cfg.momentum, trust_coeff=cfg.lars_eta)
+        return Lars(groups, lr=groups[0]["lr"], momentum=cfg.momentum, trust_coeff=cfg.lars_eta,
+                    trust_clip=cfg.lars_trust_clip)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=cfg.betas)

@@ -32,3 +32,11 @@ def run_id(run_dir: str | os.PathLike, *, resume: bool, is_rank_zero: bool) -> s
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(new_id + "\n")
     return new_id
+
+
+def finish_wandb_run(logger) -> None:
+    """Flush and close the W&B run a subcommand used, so its files are complete when it returns."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        logger.experiment.finish()

@@ -3,6 +3,10 @@
 Training batches are ``(views, labels)`` with ``views`` a list of (b, C, H, W) tensors, one per
 configured view; validation batches are ``(images, labels)`` for the probes. ``batch_size`` is the
 GLOBAL batch, divided over devices x nodes; Lightning's distributed sampler shards the data.
+
+``augment`` picks where views are made: "workers" (per-sample torchvision in DataLoader workers,
+any dataset) or "device" (uint8 batches go to the training device and BatchedViews augments
+them there with per-sample random parameters; fixed-size in-memory datasets only).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_lightning.data.batched_views import BatchedViews
 from ssl_lightning.data.datasets import dataset_info, find_data_dir, load_dataset
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, build_eval_transform
 
@@ -29,6 +34,10 @@ class TransformedDataset(Dataset):
     def __getitem__(self, index: int):
         image, label = self.base[index]
         return self.transform(image), label
+
+
+AUGMENT_MODES = ("workers", "device")
+FIXED_SIZE_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "synthetic")
 
 
 def default_views(size: int) -> list[ViewConfig]:
@@ -49,11 +58,17 @@ class SSLDataModule(pl.LightningDataModule):
         synthetic_size: int = 512,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        augment: str = "workers",
     ):
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be >= 1")
+        if augment not in AUGMENT_MODES:
+            raise ValueError(f"augment {augment!r} is not one of {AUGMENT_MODES}")
+        if augment == "device" and dataset not in FIXED_SIZE_DATASETS:
+            raise ValueError(f"augment: device needs fixed-size images ({', '.join(FIXED_SIZE_DATASETS)}); "
+                             f"use augment: workers for {dataset}")
         crop = views[0].size if views else None
         self.info = dataset_info(dataset, data_dir, image_size=crop, labelled=labelled)
         self.views = views or default_views(self.info.image_size)
@@ -93,7 +108,10 @@ class SSLDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"the {hp.dataset} training set has {len(base)} samples, fewer than one global batch of "
                     f"{hp.batch_size}; lower data.batch_size to at most {len(base)}")
-            self.train_set = TransformedDataset(base, MultiViewTransform(self.views, info.mean, info.std))
+            if hp.augment == "device":
+                self.train_set, self.device_views = base, BatchedViews(self.views, info.mean, info.std)
+            else:
+                self.train_set = TransformedDataset(base, MultiViewTransform(self.views, info.mean, info.std))
         if stage in ("fit", "validate") and self.val_set is None and info.num_classes > 0:
             try:
                 base = load_dataset(hp.dataset, hp.data_dir, "val", labelled=True, download=hp.download,
@@ -102,6 +120,14 @@ class SSLDataModule(pl.LightningDataModule):
                 warnings.warn(f"no labelled validation split ({err}); validation probes are off", stacklevel=2)
                 return
             self.val_set = TransformedDataset(base, build_eval_transform(self.image_size, info.mean, info.std))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """augment: device -> the uint8 training batch becomes its views here, on the device."""
+        trainer = self.trainer
+        if self.hparams.augment == "device" and trainer is not None and trainer.training:
+            images, labels = batch
+            return self.device_views(images), labels
+        return batch
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         workers = self.hparams.num_workers

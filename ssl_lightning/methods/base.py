@@ -84,7 +84,7 @@ class SSLMethod(pl.LightningModule):
                 "lower optimizer.lr, raise warmup_epochs, or check the inputs")
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer else 0.0)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         if self.probe is None:
             return out.loss
         probe_loss, logits, kept = self.probe.loss(out.features, labels)

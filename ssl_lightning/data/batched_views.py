@@ -1,0 +1,267 @@
+"""Batched view augmentation: a whole uint8 batch in, augmented views out, on the batch's device.
+
+Same configuration (``ViewConfig``) and semantics as the per-sample torchvision v2 pipeline in
+``views.build_view_transform`` (crop -> flip -> jitter -> grayscale -> blur -> solarize -> normalise),
+but every random parameter is drawn per sample as a tensor and applied with batched ops, so no
+Python loop runs over samples. Deviations from the per-sample pipeline:
+
+* everything runs in float32 on [0, 1]; torchvision runs the colour ops and the blur on uint8 and
+  rounds/truncates after each op, we do not quantise in between;
+* ColorJitter applies its four ops in one random order per batch (torchvision: one per sample);
+  the factors themselves are per sample;
+* solarize inverts floats >= 128/255, which is RandomSolarize(threshold=128) on uint8 values.
+Crop + resize matches torchvision's antialiased bilinear resized_crop (up to that quantisation).
+
+All randomness comes from ``generator`` (which must live on the images' device), so a seeded
+generator makes the views deterministic.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ssl_lightning.data.views import ViewConfig, blur_kernel_size
+
+Tensor = torch.Tensor
+_GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
+_SOLARIZE_THRESHOLD = 128 / 255  # RandomSolarize(threshold=128) on uint8, in [0, 1] units
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
+             device: torch.device) -> Tensor:
+    return torch.rand(shape, generator=generator, device=device).mul_(high - low).add_(low)
+
+
+def _bernoulli(n: int, p: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """(n,) bool mask, True with probability p (torchvision applies when rand < p)."""
+    return torch.rand(n, generator=generator, device=device) < p
+
+
+def random_resized_crop_params(n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                               generator: torch.Generator | None = None,
+                               device: torch.device | str | None = None) -> Tensor:
+    """(n, 4) int64 boxes (top, left, height, width): ``v2.RandomResizedCrop.make_params`` vectorised.
+
+    Each sample takes its first of 10 attempts (area ~ U(scale) * H * W, log-uniform aspect ratio) that
+    fits in the image, else the central crop clamped to the ratio range.
+    """
+    area = height * width
+    target = area * _uniform((n, 10), scale[0], scale[1], generator, device)
+    aspect = _uniform((n, 10), math.log(ratio[0]), math.log(ratio[1]), generator, device).exp_()
+    # torch.round rounds half to even like Python's round() in torchvision.
+    w = torch.sqrt(target * aspect).round_()
+    h = torch.sqrt(target / aspect).round_()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    found = ok.any(dim=1)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    u = torch.rand((n, 2), generator=generator, device=device)
+    # randint(0, H - h + 1) as floor(u * count); the min guards float rounding of u * count up to count.
+    top = torch.minimum((u[:, 0] * (height - h + 1)).floor(), height - h)
+    left = torch.minimum((u[:, 1] * (width - w + 1)).floor(), width - w)
+    top = torch.where(found, top, (height - h).div(2, rounding_mode="floor"))
+    left = torch.where(found, left, (width - w).div(2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def _resample_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """(n, out_size, in_size) weights resampling [start, start + length) to out_size pixels.
+
+    Triangle filter stretched by the downscale factor: ATen's antialiased bilinear (what torchvision's
+    resize uses with antialias=True); for upscaling it is plain bilinear with edge clamping. Pixels
+    outside the crop get zero weight, so, as in crop-then-resize, nothing bleeds in from outside.
+    """
+    start, length = start.float()[:, None, None], length.float()[:, None, None]
+    step = length / out_size
+    support = step.clamp(min=1.0)
+    centre = start + (torch.arange(out_size, device=start.device, dtype=torch.float32)[:, None] + 0.5) * step
+    j = torch.arange(in_size, device=start.device, dtype=torch.float32)
+    weight = (1 - ((j + 0.5) - centre).abs() / support).clamp_(min=0)
+    weight = weight * ((j >= start) & (j < start + length))
+    return weight / weight.sum(dim=-1, keepdim=True)
+
+
+def crop_resize_flip(images: Tensor, boxes: Tensor, flip_mask: Tensor | None, size: int) -> Tensor:
+    """float (n, C, H, W), boxes (n, 4) (top, left, height, width), flip (n,) bool -> (n, C, size, size).
+
+    Separable resampling as two batched matmuls (columns, then rows) instead of grid_sample: the weights
+    match torchvision's resized_crop(antialias=True) and an identity box returns the input exactly.
+    """
+    n, channels, height, width = images.shape
+    rows = _resample_matrix(boxes[:, 0], boxes[:, 2], height, size)  # (n, size, H)
+    cols = _resample_matrix(boxes[:, 1], boxes[:, 3], width, size)  # (n, size, W)
+    if flip_mask is not None:  # a horizontal flip of the output is a flip of the column weights
+        cols = torch.where(flip_mask[:, None, None], cols.flip(1), cols)
+    # Columns as one plain bmm over (C * H) rows: broadcasting cols over C in matmul is several times slower.
+    out = torch.bmm(images.reshape(n, -1, width), cols.transpose(1, 2)).view(n, channels, height, size)
+    return rows[:, None] @ out
+
+
+def _gray(x: Tensor) -> Tensor:
+    """(n, C, H, W) -> (n, 1, H, W) luma; a 1-channel image is its own grayscale."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    return (x * factor.view(-1, 1, 1, 1) + other * (1 - factor.view(-1, 1, 1, 1))).clamp_(0, 1)
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    """(n, C, H, W) in [0, 1], factor (n,) -> x * factor, clamped."""
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """(n, C, H, W), factor (n,): blend with the per-image mean of the grayscale image."""
+    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """(n, 3, H, W), factor (n,): blend with the grayscale image (1-channel: unchanged, as torchvision)."""
+    return x if x.shape[1] == 1 else _blend(x, _gray(x), factor)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """(n, 3, H, W), shift (n,) in [-0.5, 0.5]: rotate the HSV hue (1-channel: unchanged, as torchvision).
+
+    RGB -> HSV -> RGB fused: v = max and v * s = max - min pass through unchanged, so only the hue is
+    computed (in sixths of a turn) and each channel is max - (max - min) * clamp(min(k, 4 - k), 0, 1),
+    k = (m + 6 * hue) mod 6 with m = 5, 3, 1 for R, G, B.
+    """
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x[:, :1], x[:, 1:2], x[:, 2:]
+    maxc = x.amax(dim=1, keepdim=True)
+    delta = maxc - x.amin(dim=1, keepdim=True)
+    d = torch.where(delta > 0, delta, 1.0)  # grey pixels: any hue, delta = 0 keeps them grey
+    # Ties resolve R before G before B, as torchvision's _rgb_to_hsv.
+    hue6 = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4))
+    m = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    # hue6 in [-1, 5], 6 * shift in [-3, 3]: + 12 keeps the argument positive, so fmod is the (faster) mod.
+    k = (hue6 + (6 * shift.view(-1, 1, 1, 1) + 12) + m).fmod_(6)
+    return (maxc - delta * torch.minimum(k, 4 - k).clamp_(0, 1)).clamp_(0, 1)
+
+
+def _select(mask: Tensor | None, out: Tensor, x: Tensor) -> Tensor:
+    """Per-sample out where mask (n,) else x; lerp is exact at weights 0 and 1 and faster than where on CPU."""
+    return out if mask is None else torch.lerp(x, out, mask.view(-1, 1, 1, 1).to(x.dtype))
+
+
+def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: float, hue: float,
+                 apply_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """(n, C, H, W) in [0, 1] -> same shape: ``v2.ColorJitter(b, c, s, h)`` where apply_mask (n,) is True.
+
+    Factors are per sample, uniform in [max(0, 1 - b), 1 + b] (same for c, s) and hue shifts in [-h, h];
+    a zero magnitude skips that op. The four ops run in ONE random order for the whole batch
+    (torchvision draws an order per image); that order is read on the host, one sync per call on CUDA.
+    Saturation and hue do nothing on 1-channel images.
+    """
+    if hue > 0.5:
+        raise ValueError(f"hue jitter {hue} must be at most 0.5, as in ColorJitter")
+    n, device, rgb = x.shape[0], x.device, x.shape[1] == 3
+    ops = [(adjust_brightness, brightness, (max(0.0, 1 - brightness), 1 + brightness)),
+           (adjust_contrast, contrast, (max(0.0, 1 - contrast), 1 + contrast)),
+           (adjust_saturation, saturation if rgb else 0.0, (max(0.0, 1 - saturation), 1 + saturation)),
+           (adjust_hue, hue if rgb else 0.0, (-hue, hue))]
+    # (op, per-sample factor) or None: a zero magnitude skips the op, like ColorJitter's `None` parameters.
+    drawn = [(op, _uniform((n,), *bounds, generator, device)) if mag > 0 else None for op, mag, bounds in ops]
+    out = x
+    for k in torch.randperm(4, generator=generator, device=device).tolist():
+        if drawn[k] is not None:
+            op, factor = drawn[k]
+            out = op(out, factor)
+    return _select(apply_mask, out, x)
+
+
+def random_grayscale(x: Tensor, apply_mask: Tensor) -> Tensor:
+    """(n, 3, H, W) -> same shape, grayscale (repeated to 3 channels) where apply_mask (n,) is True."""
+    if x.shape[1] == 1:
+        return x
+    return _select(apply_mask, _gray(x).expand_as(x), x)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int, apply_mask: Tensor | None = None) -> Tensor:
+    """(n, C, H, W), sigma (n,) -> same shape: ``v2.functional.gaussian_blur`` with a per-sample sigma.
+
+    Separable: a horizontal then a vertical depthwise conv (one group per sample and channel, so each
+    sample gets its own kernel) after reflect padding, as torchvision pads.
+    """
+    n, channels, height, width = x.shape
+    half = kernel_size // 2
+    offsets = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - half
+    taps = torch.softmax(-(offsets / sigma.float()[:, None]) ** 2 / 2, dim=1)  # (n, kernel_size)
+    taps = taps.repeat_interleave(channels, dim=0).view(n * channels, 1, 1, kernel_size)
+    padded = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, n * channels, height + 2 * half, -1)
+    out = F.conv2d(F.conv2d(padded, taps, groups=n * channels), taps.transpose(2, 3), groups=n * channels)
+    return _select(apply_mask, out.view(n, channels, height, width), x)
+
+
+def solarize(x: Tensor, threshold: float = 0.5, apply_mask: Tensor | None = None) -> Tensor:
+    """(n, C, H, W) in [0, 1]: pixels >= threshold become 1 - x where apply_mask (n,) is True.
+
+    BatchedViews uses threshold 128/255, i.e. RandomSolarize(threshold=128) on uint8 images.
+    """
+    hit = x >= threshold
+    if apply_mask is not None:
+        hit = hit & apply_mask.view(-1, 1, 1, 1)
+    return torch.where(hit, 1 - x, x)
+
+
+class BatchedViews:
+    """uint8 (N, C, H, W) batch -> list of normalised float views, one per configured view (count repeats)."""
+
+    def __init__(self, configs: Sequence[ViewConfig], mean: Sequence[float], std: Sequence[float]):
+        if not configs:
+            raise ValueError("at least one view config is needed; SSL methods usually take two")
+        self.configs = [c for c in configs for _ in range(c.count)]
+        self.mean, self.std = list(mean), list(std)
+        self.channels = len(self.mean)
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        """uint8 (N, C, H, W) -> [float (N, C, size, size)] * len(self), normalised with mean/std."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.channels:
+            raise ValueError(f"expected a uint8 (N, {self.channels}, H, W) batch, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        x = images.to(torch.float32).mul_(1.0 / 255)  # as v2.ToDtype(float32, scale=True)
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        return [self.augment(x, cfg, generator).sub_(mean).div_(std) for cfg in self.configs]
+
+    def augment(self, x: Tensor, cfg: ViewConfig, generator: torch.Generator | None = None) -> Tensor:
+        """float (N, C, H, W) in [0, 1] -> one un-normalised view (N, C, size, size) in [0, 1]."""
+        n, channels, height, width = x.shape
+        dev = x.device
+        boxes = random_resized_crop_params(n, height, width, cfg.scale, cfg.ratio, generator, dev)
+        flip = _bernoulli(n, cfg.hflip_p, generator, dev) if cfg.hflip_p > 0 else None
+        out = crop_resize_flip(x, boxes, flip, cfg.size)
+        brightness, contrast, saturation, hue = cfg.jitter
+        if cfg.jitter_p > 0 and any(cfg.jitter):
+            out = color_jitter(out, brightness, contrast, saturation, hue,
+                               _bernoulli(n, cfg.jitter_p, generator, dev), generator)
+        if channels == 3 and cfg.grayscale_p > 0:
+            out = random_grayscale(out, _bernoulli(n, cfg.grayscale_p, generator, dev))
+        if cfg.blur_p > 0:
+            sigma = _uniform((n,), cfg.blur_sigma[0], cfg.blur_sigma[1], generator, dev)
+            out = gaussian_blur(out, sigma, blur_kernel_size(cfg.size), _bernoulli(n, cfg.blur_p, generator, dev))
+        if cfg.solarize_p > 0:
+            out = solarize(out, _SOLARIZE_THRESHOLD, _bernoulli(n, cfg.solarize_p, generator, dev))
+        return out

@@ -1,0 +1,245 @@
+"""Batched view augmentation: shapes, per-sample randomness, and agreement with torchvision v2."""
+from __future__ import annotations
+
+import colorsys
+import math
+import time
+
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from ssl_lightning.data.batched_views import (BatchedViews, adjust_contrast, adjust_hue, adjust_saturation,
+                                              color_jitter, crop_resize_flip, gaussian_blur,
+                                              random_resized_crop_params)
+from ssl_lightning.data.views import MultiViewTransform, ViewConfig
+
+MEAN3, STD3 = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+MEAN1, STD1 = (0.29,), (0.32,)
+# Only the op under test is active: full-image crop, no flip/jitter/grayscale/blur/solarize.
+IDENTITY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: OpenMP threads only add contention on the 2-core test machine (10x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def stats(mean: float, p: float, n: int) -> None:
+    """Empirical frequency within 4 standard errors of p."""
+    assert abs(mean - p) < 4 * math.sqrt(p * (1 - p) / n), (mean, p)
+
+
+def images(n: int, channels: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, channels, size, size), generator=gen(seed), dtype=torch.uint8)
+
+
+def constant(n: int, channels: int, value, size: int = 8) -> torch.Tensor:
+    colour = torch.tensor(value, dtype=torch.uint8).view(1, -1, 1, 1)
+    return colour.expand(n, channels, size, size).contiguous()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_multicrop_shapes(channels):
+    mean, std = (MEAN1, STD1) if channels == 1 else (MEAN3, STD3)
+    views = BatchedViews([ViewConfig(size=16, count=2, blur_p=0.5, solarize_p=0.2),
+                          ViewConfig(size=8, count=3, scale=(0.05, 0.4))], mean, std)
+    out = views(images(6, channels), gen())
+    assert len(views) == len(out) == 5
+    assert [tuple(v.shape) for v in out] == [(6, channels, 16, 16)] * 2 + [(6, channels, 8, 8)] * 3
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out)
+    with pytest.raises(ValueError):
+        views(images(2, 4 - channels), gen())
+
+
+def test_crop_params_ranges_and_torchvision_distribution():
+    n, height, width, scale, ratio = 20000, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3)
+    top, left, h, w = random_resized_crop_params(n, height, width, scale, ratio, gen()).double().unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    fallback = (h == height) & (w == width)  # the central crop; the ratio range contains 1 here
+    # Rounding-aware: some area a in [scale] and ratio r in [ratio] round to (w, h).
+    area = height * width
+    assert ((w - 0.5) * (h - 0.5) <= scale[1] * area).all()
+    assert (fallback | ((w + 0.5) * (h + 0.5) >= scale[0] * area)).all()
+    assert (fallback | ((w - 0.5) / (h + 0.5) <= ratio[1])).all()
+    assert (fallback | ((w + 0.5) / (h - 0.5) >= ratio[0])).all()
+    # The torchvision reference, drawn empirically.
+    torch.manual_seed(0)
+    crop, image = v2.RandomResizedCrop(8, scale=scale, ratio=ratio), torch.zeros(1, height, width)
+    params = [crop.make_params([image]) for _ in range(5000)]
+    ref = torch.tensor([[p["height"], p["width"], p["top"]] for p in params], dtype=torch.float64)
+    ours = torch.stack([h, w, top], 1)
+    for name, a, b in [("area", ours[:, 0] * ours[:, 1] / area, ref[:, 0] * ref[:, 1] / area),
+                       ("log ratio", (ours[:, 1] / ours[:, 0]).log(), (ref[:, 1] / ref[:, 0]).log()),
+                       ("top", ours[:, 2], ref[:, 2]), ("full", (ours[:, 0] == height).double(),
+                                                         (ref[:, 0] == height).double())]:
+        se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+        assert abs(a.mean() - b.mean()) < 4 * se, (name, a.mean(), b.mean())
+
+
+def test_crop_fallback_is_central_and_clamped_to_ratio():
+    boxes = random_resized_crop_params(100, 10, 40, (0.9, 1.0), (1.0, 1.5), gen())
+    assert (boxes == torch.tensor([0, 12, 10, 15])).all()  # w = round(10 * 1.5), centred
+
+
+def test_crop_resize_flip_matches_torchvision():
+    x = torch.rand(40, 3, 32, 24, generator=gen(1))
+    boxes = random_resized_crop_params(40, 32, 24, (0.05, 1.0), (0.5, 2.0), gen(2))
+    flip = torch.rand(40, generator=gen(3)) < 0.5
+    for size in (8, 40):  # down- and up-sampling
+        out = crop_resize_flip(x, boxes, flip, size)
+        for i in range(40):
+            ref = TF.resized_crop(x[i], *boxes[i].tolist(), [size, size], antialias=True)
+            torch.testing.assert_close(out[i], TF.horizontal_flip(ref) if flip[i] else ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_identity_config_returns_normalised_input(channels):
+    mean, std = (MEAN1, STD1) if channels == 1 else (MEAN3, STD3)
+    batch = images(16, channels, size=20)
+    (out,) = BatchedViews([ViewConfig(size=20, **IDENTITY)], mean, std)(batch, gen())
+    ref = torch.stack([v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(im)) for im in batch])
+    assert torch.equal(out, ref)
+
+
+def augment(channels: int, batch: torch.Tensor, seed: int = 0, **cfg) -> torch.Tensor:
+    """One un-normalised view in [0, 1]."""
+    config = ViewConfig(**{"size": batch.shape[-1], **IDENTITY, **cfg})
+    views = BatchedViews([config], [0.5] * channels, [1.0] * channels)
+    return views.augment(batch.float() / 255, views.configs[0], gen(seed))
+
+
+def test_flip_probability():
+    n = 4000
+    batch = torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8).expand(n, 1, 8, 8) * 30  # ramp in x
+    out = augment(1, batch, hflip_p=0.3)
+    x = batch.float() / 255
+    flipped = (out == x.flip(-1)).flatten(1).all(1)
+    assert (flipped | (out == x).flatten(1).all(1)).all()
+    stats(flipped.double().mean().item(), 0.3, n)
+
+
+def test_brightness_jitter_probability_and_factor_range():
+    n = 4000
+    out = augment(1, constant(n, 1, [128]), jitter=(0.4, 0.0, 0.0, 0.0), jitter_p=0.8)
+    factor = out[:, 0, 0, 0] / (128 / 255)
+    assert (out == out[:, :, :1, :1]).all()  # one factor per image
+    assert (factor >= 0.6 - 1e-6).all() and (factor <= 1.4 + 1e-6).all()
+    applied = (factor - 1).abs() > 1e-6
+    stats(applied.double().mean().item(), 0.8, n)
+    assert factor.min() < 0.62 and factor.max() > 1.38  # spread over the range
+
+
+def test_grayscale_blur_solarize_probabilities():
+    n = 4000
+    gray = augment(3, constant(n, 3, [200, 30, 90]), grayscale_p=0.2)
+    stats((gray[:, 0] == gray[:, 1]).flatten(1).all(1).double().mean().item(), 0.2, n)
+    batch = images(n, 1, size=8)
+    blurred = augment(1, batch, blur_p=0.4)
+    stats((blurred != batch.float() / 255).flatten(1).any(1).double().mean().item(), 0.4, n)
+    solar = augment(1, constant(n, 1, [200]), solarize_p=0.3)
+    solarized = (solar - 55 / 255).abs() < 1e-6
+    assert (solarized | (solar == 200 / 255)).all()
+    stats(solarized[:, 0, 0, 0].double().mean().item(), 0.3, n)
+
+
+def test_hue_jitter_matches_torchvision_adjust_hue():
+    colours = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.7, 0.1], [0.3, 0.3, 0.9], [0.9, 0.8, 0.1]])
+    x = colours.repeat(500, 1).view(-1, 3, 1, 1).expand(-1, 3, 4, 4).contiguous()
+    out = color_jitter(x, 0.0, 0.0, 0.0, 0.1, generator=gen())
+    hue = [colorsys.rgb_to_hsv(*im[:, 0, 0].tolist())[0] for im in torch.cat([x, out])]
+    shift = (torch.tensor(hue[len(x):]) - torch.tensor(hue[:len(x)]) + 0.5).remainder(1.0) - 0.5
+    assert shift.abs().max() <= 0.1 + 1e-5 and shift.min() < -0.09 and shift.max() > 0.09
+    for i in range(0, len(x), 50):
+        torch.testing.assert_close(out[i], TF.adjust_hue(x[i], shift[i].item()), atol=1e-3, rtol=0)
+    # The batched op itself on random images, any shift in [-0.5, 0.5].
+    x, shift = torch.rand(20, 3, 8, 8, generator=gen(1)), torch.rand(20, generator=gen(2)) - 0.5
+    out = adjust_hue(x, shift)
+    for i in range(20):
+        torch.testing.assert_close(out[i], TF.adjust_hue(x[i], shift[i].item()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_contrast_and_saturation_match_torchvision(channels):
+    x, factor = torch.rand(20, channels, 8, 8, generator=gen(1)), torch.rand(20, generator=gen(2)) * 2
+    for ours, ref in [(adjust_contrast, TF.adjust_contrast), (adjust_saturation, TF.adjust_saturation)]:
+        out = ours(x, factor)
+        for i in range(20):
+            torch.testing.assert_close(out[i], ref(x[i], factor[i].item()), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_gaussian_blur_matches_torchvision(kernel_size):
+    x, sigma = torch.rand(20, 3, 12, 9, generator=gen(1)), torch.rand(20, generator=gen(2)) * 1.9 + 0.1
+    out = gaussian_blur(x, sigma, kernel_size)
+    for i in range(20):
+        ref = TF.gaussian_blur(x[i], [kernel_size, kernel_size], [sigma[i].item()] * 2)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_range_determinism_and_per_sample_randomness(channels):
+    cfg = ViewConfig(size=16, jitter_p=1.0, grayscale_p=0.5, blur_p=0.5, solarize_p=0.5)
+    views = BatchedViews([cfg], [0.5] * channels, [0.2] * channels)
+    batch = images(1, channels).expand(64, -1, -1, -1)  # identical images
+    x = batch.float() / 255
+    out = views.augment(x, cfg, gen(5))
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, views.augment(x, cfg, gen(5)))
+    assert not torch.equal(out, views.augment(x, cfg, gen(6)))
+    assert len({tuple(v.flatten().tolist()) for v in out}) == 64  # every sample got its own parameters
+    a, b = views(batch, gen(7)), views(batch, gen(7))
+    assert torch.isfinite(a[0]).all() and torch.equal(a[0], b[0])
+
+
+def test_statistics_match_per_sample_torchvision_pipeline():
+    """End to end: mean and spread of the views agree with MultiViewTransform on the same image."""
+    cfg = ViewConfig(size=16, blur_p=0.5, solarize_p=0.2)
+    image = images(1, 3, size=24)
+    torch.manual_seed(0)
+    ref = torch.stack([MultiViewTransform([cfg], MEAN3, STD3)(image[0])[0] for _ in range(1000)])
+    ours = BatchedViews([cfg], MEAN3, STD3)(image.expand(4000, -1, -1, -1), gen())[0]
+    for a, b in [(ours.mean((2, 3)), ref.mean((2, 3))), (ours.std((2, 3)), ref.std((2, 3)))]:  # per channel
+        se = (a.var(0) / len(a) + b.var(0) / len(b)).sqrt()
+        # + 0.01: torchvision truncates to uint8 after each jitter op (~2/255 darker), we stay in float.
+        assert ((a.mean(0) - b.mean(0)).abs() < 4 * se + 0.01).all(), (a.mean(0), b.mean(0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generator_on_device():
+    views = BatchedViews([ViewConfig(size=16, blur_p=0.5, solarize_p=0.2)] * 2, MEAN3, STD3)
+    batch = images(32, 3).cuda()
+    a = views(batch, torch.Generator("cuda").manual_seed(0))
+    b = views(batch, torch.Generator("cuda").manual_seed(0))
+    assert all(v.is_cuda and torch.isfinite(v).all() for v in a) and all(map(torch.equal, a, b))
+
+
+if __name__ == "__main__":  # throughput, VICReg recipe: 2 views, blur 1.0/0.1, solarize 0/0.2
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        for channels, size in [(1, 28), (3, 32)]:
+            mean, std = [0.5] * channels, [0.25] * channels
+            configs = [ViewConfig(size=size, blur_p=1.0, solarize_p=0.0),
+                       ViewConfig(size=size, blur_p=0.1, solarize_p=0.2)]
+            batch, views = images(256, channels, size), BatchedViews(configs, mean, std)
+            per_sample = MultiViewTransform(configs, mean, std)
+            views(batch, gen())
+            start, reps = time.perf_counter(), 10
+            for _ in range(reps):
+                views(batch, gen())
+            batched = reps * 256 * 2 / (time.perf_counter() - start)
+            start = time.perf_counter()
+            for image in batch:
+                per_sample(image)
+            single = 256 * 2 / (time.perf_counter() - start)
+            print(f"CPU, {threads} threads, {channels}x{size}x{size}, batch 256: batched {batched:,.0f} views/s, "
+                  f"per-sample torchvision {single:,.0f} views/s")

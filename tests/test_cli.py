@@ -1,0 +1,112 @@
+"""The command line: fit from YAML, overrides, resolved config, W&B offline run, bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_lightning.cli import main
+from ssl_lightning.wandb_offline import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--data.dataset", "synthetic", "--data.synthetic_size", "128", "--data.batch_size", "32",
+    "--data.num_workers", "0", "--data.views", '[{"size": 16}, {"size": 16}]',
+    "--model.init_args.backbone", "convnet", "--model.init_args.backbone_kwargs", '{"width": 4}',
+    "--model.init_args.projector", "32-32", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
+]
+
+
+def fit(tmp_path, *extra):
+    main(["fit", "--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"), *TINY,
+          "--trainer.default_root_dir", str(tmp_path), *extra])
+
+
+@pytest.mark.slow
+def test_fit_writes_checkpoint_config_and_wandb_run(tmp_path, capsys):
+    fit(tmp_path)
+    out = capsys.readouterr().out
+    assert "probe/val_top1" in out and "last checkpoint" in out
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    run_dirs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(run_dirs) == 1, "one offline W&B run under the run directory, named by the stored id"
+    run = read_offline_run(run_dirs[0])
+    assert 0.0 <= run["summary"]["probe/val_top1"] <= 1.0
+    assert {"train/loss", "train/invariance", "train/variance", "train/covariance"} <= set(run["summary"])
+    assert run["config"]["config"]["data"]["dataset"] == "synthetic", "the resolved config is logged"
+    assert run["config"]["sim_weight"] == 25.0, "model hyperparameters are logged"
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_wandb_run(tmp_path):
+    fit(tmp_path)
+    first_id = (tmp_path / "wandb_run_id").read_text().strip()
+    fit(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert (tmp_path / "wandb_run_id").read_text().strip() == first_id
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)
+    assert read_offline_run(runs[-1])["summary"]["epoch"] == 1
+
+
+def test_print_config_shows_resolved_values(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"),
+              "--model.init_args.sim_weight", "10", "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"] == "ssl_lightning.methods.VICReg"
+    assert config["model"]["init_args"]["sim_weight"] == 10.0
+    assert config["data"]["batch_size"] == 256 and config["checkpoint"]["every_n_train_steps"] > 0
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ssl_lightning", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_unknown_method_lists_choices():
+    result = run_cli("fit", "--model", "simclrr")
+    assert result.returncode != 0
+    assert "unknown method 'simclrr'" in result.stderr and "vicreg" in result.stderr
+
+
+def test_method_registry_name_is_accepted(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "vicreg", "--print_config"])
+    assert "class_path: ssl_lightning.methods.vicreg.VICReg" in capsys.readouterr().out
+
+
+def test_unknown_key_is_rejected():
+    result = run_cli("fit", "--config", "experiments/fashion_mnist/vicreg.yaml", "--model.init_args.sim_wieght", "3")
+    assert result.returncode != 0 and "sim_wieght" in result.stderr
+
+
+def test_unknown_backbone_lists_choices():
+    result = run_cli("fit", "--config", "experiments/fashion_mnist/vicreg.yaml",
+                     "--model.init_args.backbone", "resnet19", "--trainer.max_epochs", "0")
+    assert result.returncode != 0
+    assert "unknown backbone 'resnet19'" in result.stderr and "resnet18" in result.stderr
+
+
+def test_unknown_method_in_yaml_lists_choices(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  class_path: vicregg\n")
+    result = run_cli("fit", "--config", str(config))
+    assert result.returncode != 0 and "registered methods: vicreg (VICReg)" in result.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_process_ddp_fit_from_the_cli(tmp_path):
+    """Lightning DDP on 2 CPU processes (gloo): the global batch of 32 is split 16 + 16, so an epoch of
+    128 samples is 4 optimizer steps, and only rank 0 writes the checkpoint and the W&B run."""
+    result = run_cli("fit", "--config", "experiments/fashion_mnist/vicreg.yaml", *TINY,
+                     "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "2",
+                     "--trainer.default_root_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "finished at epoch 2, step 8" in result.stdout
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
