@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from ssl_lightning.cli import main
+from ssl_lightning.eval.linear import linear_eval
 from ssl_lightning.wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,18 @@ def test_fit_writes_checkpoint_config_and_wandb_run(tmp_path, capsys):
     assert run["config"]["config"]["data"]["dataset"] == "synthetic", "the resolved config is logged"
     assert run["config"]["sim_weight"] == 25.0, "model hyperparameters are logged"
 
+    # the checkpoint evaluates offline: synthetic classes are separable, chance is 0.1
+    result = linear_eval(str(tmp_path / "checkpoints" / "last.ckpt"), epochs=200)
+    assert result["top1"] > 0.5 and result["top5"] >= result["top1"]
+
+
+@pytest.mark.slow
+def test_other_lightning_loggers_are_selectable(tmp_path):
+    fit(tmp_path, "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "csv"))
+    metrics = next((tmp_path / "csv").rglob("metrics.csv")).read_text()
+    assert "probe/val_top1" in metrics.splitlines()[0]
+    assert not (tmp_path / "wandb").exists()
+
 
 @pytest.mark.slow
 def test_resume_continues_the_same_wandb_run(tmp_path):
@@ -49,6 +62,11 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)
     assert read_offline_run(runs[-1])["summary"]["epoch"] == 1
+
+    main(["validate", "--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"), *TINY,
+          "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"])
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3 and "probe/val_top1" in read_offline_run(runs[-1])["summary"]
 
 
 def test_print_config_shows_resolved_values(capsys):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_lightning.data.batched_views import BatchedViews
 from ssl_lightning.data.datasets import dataset_info, find_data_dir, load_dataset
-from ssl_lightning.data.views import MultiViewTransform, ViewConfig, build_eval_transform
+from ssl_lightning.data.views import MultiViewTransform, ViewConfig, as_view_configs, build_eval_transform
 
 
 class TransformedDataset(Dataset):
@@ -69,6 +69,7 @@ class SSLDataModule(pl.LightningDataModule):
         if augment == "device" and dataset not in FIXED_SIZE_DATASETS:
             raise ValueError(f"augment: device needs fixed-size images ({', '.join(FIXED_SIZE_DATASETS)}); "
                              f"use augment: workers for {dataset}")
+        views = as_view_configs(views) if views else None
         crop = views[0].size if views else None
         self.info = dataset_info(dataset, data_dir, image_size=crop, labelled=labelled)
         self.views = views or default_views(self.info.image_size)

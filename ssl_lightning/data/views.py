@@ -48,6 +48,11 @@ class ViewConfig:
 torch.serialization.add_safe_globals([ViewConfig])
 
 
+def as_view_configs(views: Sequence[ViewConfig | dict]) -> list[ViewConfig]:
+    """Views as given in Python (ViewConfig) or restored from a checkpoint's hyperparameters (dict)."""
+    return [v if isinstance(v, ViewConfig) else ViewConfig(**v) for v in views]
+
+
 def blur_kernel_size(size: int) -> int:
     """10% of the image side, odd, at least 3 (SimCLR)."""
     k = max(3, int(0.1 * size))

@@ -1,0 +1,1 @@
+"""Offline evaluation of a frozen checkpoint (any method)."""
