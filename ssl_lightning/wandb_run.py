@@ -10,9 +10,14 @@ import secrets
 from pathlib import Path
 
 RUN_ID_FILE = "wandb_run_id"
-WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
-WANDB_LOGGER_CLASSES = {WANDB_LOGGER, "pytorch_lightning.loggers.WandbLogger", "WandbLogger",
-                        "pytorch_lightning.loggers.wandb.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger"}
+# How a config may name the W&B logger (LightningCLI accepts the class name or either package path).
+WANDB_LOGGER_CLASSES = {
+    "WandbLogger",
+    "pytorch_lightning.loggers.WandbLogger",
+    "pytorch_lightning.loggers.wandb.WandbLogger",
+    "lightning.pytorch.loggers.WandbLogger",
+    "lightning.pytorch.loggers.wandb.WandbLogger",
+}
 
 
 def default_logger_config(project: str = "ssl-lightning") -> dict:
@@ -38,5 +43,5 @@ def finish_wandb_run(logger) -> None:
     """Flush and close the W&B run a subcommand used, so its files are complete when it returns."""
     from pytorch_lightning.loggers import WandbLogger
 
-    if isinstance(logger, WandbLogger) and logger._experiment is not None:
+    if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:  # started
         logger.experiment.finish()

@@ -119,7 +119,7 @@ class SSLMethod(pl.LightningModule):
         trainer = self.trainer
         global_batch = self.hparams.batch_size * trainer.accumulate_grad_batches
         optimizer = build_optimizer(param_groups(self, self.probe, self.optim_cfg, global_batch), self.optim_cfg)
-        total = int(trainer.estimated_stepping_batches)
-        per_epoch = max(1, total // trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else total
+        total = int(trainer.estimated_stepping_batches)  # also sets up the train loader
+        per_epoch = max(1, int(min(trainer.num_training_batches, total)) // trainer.accumulate_grad_batches)
         scheduler = build_scheduler(optimizer, self.optim_cfg, total_steps=total, steps_per_epoch=per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -23,10 +23,14 @@ class LinearProbe(nn.Module):
         return self.linear(self.norm(features.detach().float()))
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, logits of labelled samples, their labels); loss is 0 (with grad) when none are labelled."""
-        keep = labels >= 0
-        logits = self(features[keep])
-        if not keep.any():
-            return logits.sum() * 0.0, logits, labels[keep]
-        return F.cross_entropy(logits.float(), labels[keep]), logits, labels[keep]
+        """(mean cross-entropy over the labelled samples, their logits, their labels).
 
+        Every sample goes through the probe and unlabelled ones get weight 0, so there is no
+        data-dependent branch: under DDP every rank runs the same ops (GlobalBatchNorm and DDP's
+        gradient hooks need that), and a batch with 0 or 1 labelled samples is no special case.
+        """
+        logits = self(features)
+        labelled = labels >= 0
+        per_sample = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+        loss = (per_sample * labelled).sum() / labelled.sum().clamp(min=1)
+        return loss, logits[labelled], labels[labelled]
