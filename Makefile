@@ -19,7 +19,7 @@ DEMO_RUN = runs/fashion_mnist-vicreg
 demo: install
 	@test -d /usr/share/datasets/fashion-mnist || { echo "Fashion-MNIST is missing: run 'apt-get install dataset-fashion-mnist' (31 MB)"; exit 1; }
 	$(PY) -m ssl_lightning fit --config experiments/fashion_mnist/vicreg.yaml --trainer.default_root_dir $(DEMO_RUN)
-	$(PY) -m ssl_lightning.eval.linear --ckpt $(DEMO_RUN)/checkpoints/last.ckpt
+	$(PY) -m ssl_lightning linear --ckpt $(DEMO_RUN)/checkpoints/last.ckpt
 	@echo "raw-pixel baselines on the same files: logistic regression 84.5%, 5-NN 85.5%"
 
 test: install

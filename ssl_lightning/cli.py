@@ -1,4 +1,5 @@
-"""``ssl-lightning fit|validate --config experiments/<dataset>/<method>.yaml [--key value ...]``.
+"""``ssl-lightning fit|validate --config experiments/<dataset>/<method>.yaml [--key value ...]``,
+``ssl-lightning linear|knn --ckpt <checkpoint>`` (offline evaluation, see ssl_lightning.eval.commands).
 
 Built on LightningCLI: every Trainer, model and data option is settable from YAML or the command
 line, ``--print_config`` shows the resolved config. ``model.class_path`` takes a registry name
@@ -14,11 +15,17 @@ from pathlib import Path
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities import rank_zero_only
 
-from ssl_lightning.callbacks import FitSummary
+from ssl_lightning.callbacks import FitSummary, KNNMonitor, SpectrumMonitor
 from ssl_lightning.checkpointing import LastCheckpoint
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.methods import METHODS, SSLMethod
-from ssl_lightning.wandb_run import WANDB_LOGGER_CLASSES, default_logger_config, finish_wandb_run, run_id
+from ssl_lightning.wandb_run import (
+    WANDB_LOGGER_CLASSES,
+    default_logger_config,
+    define_dashboard,
+    finish_wandb_run,
+    run_id,
+)
 
 SUBCOMMANDS = ("fit", "validate")
 
@@ -69,6 +76,8 @@ class SSLArgumentParser(LightningArgumentParser):
 
 class SSLCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs):
+        if args is None:
+            sys.argv[1:] = resolve_method_names(sys.argv[1:])
         super().__init__(
             SSLMethod,
             SSLDataModule,
@@ -81,7 +90,7 @@ class SSLCLI(LightningCLI):
                 "logger": default_logger_config(),
                 "plugins": [{"class_path": "ssl_lightning.checkpointing.AtomicCheckpointIO"}],
             },
-            args=resolve_method_names(list(sys.argv[1:] if args is None else args)),
+            args=resolve_method_names(args) if args is not None else None,
             **kwargs,
         )
 
@@ -92,12 +101,14 @@ class SSLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(FitSummary, "summary")
+        parser.add_lightning_class_args(SpectrumMonitor, "spectrum")
+        parser.add_lightning_class_args(KNNMonitor, "knn")
         parser.link_arguments("data.batch_size", "model.init_args.batch_size")
         for source, target in (("num_classes", "num_classes"), ("channels", "in_chans"), ("image_size", "image_size")):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         if not trainer.default_root_dir:
             method = str(config.model.class_path).rsplit(".", 1)[-1].lower()
@@ -114,6 +125,10 @@ class SSLCLI(LightningCLI):
                 args["id"] = run_id(trainer.default_root_dir, resume=resume, is_rank_zero=rank_zero_only.rank == 0)
                 args["resume"] = "allow"
 
+    def before_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            define_dashboard(self.trainer.logger)
+
     def after_fit(self) -> None:
         finish_wandb_run(self.trainer.logger)
 
@@ -121,7 +136,16 @@ class SSLCLI(LightningCLI):
         finish_wandb_run(self.trainer.logger)
 
 
+EVAL_COMMANDS = ("linear", "knn")
+
+
 def main(args: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EVAL_COMMANDS:
+        from ssl_lightning.eval.commands import main as eval_main
+
+        eval_main(argv[0], argv[1:])
+        return
     SSLCLI(args=args)
 
 

@@ -63,8 +63,9 @@ def read_offline_run(run_dir: str | Path) -> dict:
             row = {_item_key(i): json.loads(i.value_json) for i in record.history.item}
             run["history"].append(row)
             run["summary"].update(row)
-        elif kind == "config":
-            run["config"].update({_item_key(i): json.loads(i.value_json) for i in record.config.update})
+        elif kind in ("config", "run"):  # the initial config travels inside the run record
+            config = record.config if kind == "config" else record.run.config
+            run["config"].update({_item_key(i): json.loads(i.value_json) for i in config.update})
         elif kind == "summary":
             run["summary"].update({_item_key(i): json.loads(i.value_json) for i in record.summary.update})
     return run

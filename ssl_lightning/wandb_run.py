@@ -45,3 +45,17 @@ def finish_wandb_run(logger) -> None:
 
     if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:  # started
         logger.experiment.finish()
+
+
+def define_dashboard(logger) -> None:
+    """Step axis and summaries: every metric against trainer/global_step; best (max) accuracies,
+    last values for the rest (RankMe, losses)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
+    run = logger.experiment
+    run.define_metric("trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    for name in ("probe/val_top1", "probe/val_top5", "knn/top1"):
+        run.define_metric(name, step_metric="trainer/global_step", summary="max,last")

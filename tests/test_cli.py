@@ -4,10 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ssl_lightning.cli import main
-from ssl_lightning.eval.linear import linear_eval
 from ssl_lightning.wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +39,31 @@ def test_fit_writes_checkpoint_config_and_wandb_run(tmp_path, capsys):
     assert {"train/loss", "train/invariance", "train/variance", "train/covariance"} <= set(run["summary"])
     assert run["config"]["config"]["data"]["dataset"] == "synthetic", "the resolved config is logged"
     assert run["config"]["sim_weight"] == 25.0, "model hyperparameters are logged"
+    summary = run["summary"]
+    for features in ("backbone", "projector"):
+        assert 1.0 <= summary[f"rank/{features}_rankme"] <= 32, "RankMe lies between 1 and the dimension"
+        assert summary[f"spectrum/{features}_top_eigenvalue"] > 0
+    assert 0.0 <= summary["knn/top1"] <= 1.0 and summary["collapse/alarm"] == 0
+    assert summary["spectrum/plot/_type"] == "images/separated"
+    assert summary["spectrum/values/_type"] == "table-file" and summary["spectrum/values/ncols"] == 4
+    spectrum = torch.load(tmp_path / "spectra" / "epoch_0000.pt")
+    assert spectrum["backbone"].shape == (16,) and bool((spectrum["backbone"].diff() <= 0).all())
 
-    # the checkpoint evaluates offline: synthetic classes are separable, chance is 0.1
-    result = linear_eval(str(tmp_path / "checkpoints" / "last.ckpt"), epochs=200)
-    assert result["top1"] > 0.5 and result["top5"] >= result["top1"]
+    # offline evaluation logs into the same W&B run; synthetic classes are separable, chance is 0.1
+    ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
+    def eval_run(command):
+        (run,) = [r for r in map(read_offline_run, (tmp_path / "wandb").glob("offline-run-*"))
+                  if r["config"].get("command") == command]
+        assert run["config"]["pretrain_run_id"] == run_id, "grouped with the pre-training run"
+        return run["summary"]
+
+    main(["linear", "--ckpt", ckpt, "--epochs", "200"])
+    linear = eval_run("linear")
+    assert linear["eval/linear/top1"] > 0.5 and linear["eval/linear/top5"] >= linear["eval/linear/top1"]
+    main(["knn", "--ckpt", ckpt, "--ks", "5", "20"])
+    assert eval_run("knn")["eval/knn/top1_k20"] > 0.5
+    out = capsys.readouterr().out
+    assert "linear/top1" in out and "knn/top1_k20" in out
 
 
 @pytest.mark.slow

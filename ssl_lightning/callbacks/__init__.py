@@ -1,4 +1,6 @@
 """Monitoring and reporting callbacks, each independent and configurable from YAML."""
+from ssl_lightning.callbacks.knn import KNNMonitor
+from ssl_lightning.callbacks.spectrum import SpectrumMonitor
 from ssl_lightning.callbacks.summary import FitSummary
 
-__all__ = ["FitSummary"]
+__all__ = ["FitSummary", "KNNMonitor", "SpectrumMonitor"]

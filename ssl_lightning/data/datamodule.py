@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_lightning.data.batched_views import BatchedViews
-from ssl_lightning.data.datasets import dataset_info, find_data_dir, load_dataset
+from ssl_lightning.data.datasets import TensorImageDataset, dataset_info, find_data_dir, load_dataset
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, as_view_configs, build_eval_transform
 
 
@@ -38,6 +38,18 @@ class TransformedDataset(Dataset):
 
 AUGMENT_MODES = ("workers", "device")
 FIXED_SIZE_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "synthetic")
+
+
+class NormalizingCollate:
+    """Batch of (uint8 (C, H, W), label) -> (normalised float (N, C, H, W), labels (N,))."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([image for image, _ in batch]).float().div_(255)
+        return (images - self.mean) / self.std, torch.tensor([label for _, label in batch])
 
 
 def default_views(size: int) -> list[ViewConfig]:
@@ -129,6 +141,25 @@ class SSLDataModule(pl.LightningDataModule):
             images, labels = batch
             return self.device_views(images), labels
         return batch
+
+    def eval_loader(self, split: str, num_samples: int | None, *, labelled: bool = True, batch_size: int = 512,
+                    seed: int = 0) -> DataLoader:
+        """Un-augmented, labelled samples for monitoring: a fixed seeded subset of ``split`` (all of it
+        when num_samples is None), rounded down to a multiple of the world size and sharded by rank,
+        so every rank holds the same number and the gathered set is the same for any world size."""
+        hp, info = self.hparams, self.info
+        base = load_dataset(hp.dataset, hp.data_dir, split, labelled=labelled and hp.labelled, download=hp.download,
+                            synthetic_size=hp.synthetic_size, image_size=info.image_size)
+        order = torch.randperm(len(base), generator=torch.Generator().manual_seed(seed))
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        count = min(num_samples or len(base), len(base)) // world * world
+        indices = order[:count][rank::world].tolist()
+        if isinstance(base, TensorImageDataset) and base.images.shape[-1] == self.image_size:
+            # already the right size: normalise whole batches instead of transforming sample by sample
+            return DataLoader(Subset(base, indices), batch_size=batch_size, num_workers=hp.num_workers,
+                              collate_fn=NormalizingCollate(info.mean, info.std))
+        subset = Subset(TransformedDataset(base, build_eval_transform(self.image_size, info.mean, info.std)), indices)
+        return DataLoader(subset, batch_size=batch_size, num_workers=hp.num_workers)
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         workers = self.hparams.num_workers

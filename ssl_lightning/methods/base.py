@@ -75,6 +75,15 @@ class SSLMethod(pl.LightningModule):
         """Backbone features (N, feature_dim): the representation being learned."""
         return self.backbone(self._prepare(images))
 
+    @torch.no_grad()
+    def embeddings(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the monitors look at: backbone features and, where the method has one, projector output."""
+        features = self(images)
+        out = {"backbone": features.float()}
+        if isinstance(getattr(self, "projector", None), torch.nn.Module):
+            out["projector"] = self.projector(features).float()
+        return out
+
     def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch
         out = self.ssl_step([self._prepare(v) for v in views])
@@ -110,6 +119,7 @@ class SSLMethod(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_state"] = rng_state()  # so a resumed run draws the same augmentations
+        checkpoint["method_class"] = f"{type(self).__module__}.{type(self).__qualname__}"  # for offline eval
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_state" in checkpoint:
