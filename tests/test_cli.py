@@ -57,13 +57,12 @@ def test_fit_writes_checkpoint_config_and_wandb_run(tmp_path, capsys):
         assert run["config"]["pretrain_run_id"] == run_id, "grouped with the pre-training run"
         return run["summary"]
 
-    main(["linear", "--ckpt", ckpt, "--epochs", "200"])
+    linear_out = run_cli("linear", "--ckpt", ckpt, "--epochs", "200")
     linear = eval_run("linear")
     assert linear["eval/linear/top1"] > 0.5 and linear["eval/linear/top5"] >= linear["eval/linear/top1"]
-    main(["knn", "--ckpt", ckpt, "--ks", "5", "20"])
+    knn_out = run_cli("knn", "--ckpt", ckpt, "--ks", "5", "20")
     assert eval_run("knn")["eval/knn/top1_k20"] > 0.5
-    out = capsys.readouterr().out
-    assert "linear/top1" in out and "knn/top1_k20" in out
+    assert "linear/top1" in linear_out.stdout and "knn/top1_k20" in knn_out.stdout
 
 
 @pytest.mark.slow
