@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -49,12 +50,25 @@ def _item_key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_offline_run(run_dir: str | Path) -> dict:
-    """{"id", "history": [row dicts], "summary": {key: last value}, "config": {key: value}}."""
+def read_offline_run(run_dir: str | Path, *, wait: float = 30.0) -> dict:
+    """{"id", "history": [row dicts], "summary": {key: last value}, "config": {key: value}, "complete"}.
+
+    W&B's service process may still be writing the file when ``run.finish()`` has returned; a run
+    is complete once its exit record is on disk, and this waits up to ``wait`` seconds for it.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        run = _read(run_dir)
+        if run["complete"] or time.monotonic() >= deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _read(run_dir: str | Path) -> dict:
     files = sorted(Path(run_dir).glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir}; is this an offline W&B run directory?")
-    run = {"id": files[0].stem.removeprefix("run-"), "history": [], "summary": {}, "config": {}}
+    run = {"id": files[0].stem.removeprefix("run-"), "history": [], "summary": {}, "config": {}, "complete": False}
     for raw in _records(files[0].read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
@@ -68,4 +82,6 @@ def read_offline_run(run_dir: str | Path) -> dict:
             run["config"].update({_item_key(i): json.loads(i.value_json) for i in config.update})
         elif kind == "summary":
             run["summary"].update({_item_key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "exit":
+            run["complete"] = True
     return run

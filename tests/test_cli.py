@@ -35,6 +35,7 @@ def test_fit_writes_checkpoint_config_and_wandb_run(tmp_path, capsys):
     run_dirs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(run_dirs) == 1, "one offline W&B run under the run directory, named by the stored id"
     run = read_offline_run(run_dirs[0])
+    assert run["complete"], "the run file ends with its exit record"
     assert 0.0 <= run["summary"]["probe/val_top1"] <= 1.0
     assert {"train/loss", "train/invariance", "train/variance", "train/covariance"} <= set(run["summary"])
     assert run["config"]["config"]["data"]["dataset"] == "synthetic", "the resolved config is logged"
