@@ -10,6 +10,14 @@ from ssl_lightning.methods import VICReg
 from ssl_lightning.optim import OptimizerConfig
 
 SIZE = 16
+# The same tiny run on the command line: synthetic data, width-4 convnet, 1 epoch of 4 steps.
+TINY_CLI_ARGS = [
+    "--data.dataset", "synthetic", "--data.synthetic_size", "128", "--data.batch_size", "32",
+    "--data.num_workers", "0", "--data.views", '[{"size": 16}, {"size": 16}]',
+    "--model.init_args.backbone", "convnet", "--model.init_args.backbone_kwargs", '{"width": 4}',
+    "--model.init_args.projector", "32-32", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
+]
 
 
 def tiny_data(**kwargs) -> SSLDataModule:

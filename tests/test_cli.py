@@ -7,21 +7,15 @@ import pytest
 import torch
 import yaml
 
+from helpers import TINY_CLI_ARGS
 from ssl_lightning.cli import main
 from ssl_lightning.wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--data.dataset", "synthetic", "--data.synthetic_size", "128", "--data.batch_size", "32",
-    "--data.num_workers", "0", "--data.views", '[{"size": 16}, {"size": 16}]',
-    "--model.init_args.backbone", "convnet", "--model.init_args.backbone_kwargs", '{"width": 4}',
-    "--model.init_args.projector", "32-32", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
-]
 
 
 def fit(tmp_path, *extra):
-    main(["fit", "--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"), *TINY,
+    main(["fit", "--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"), *TINY_CLI_ARGS,
           "--trainer.default_root_dir", str(tmp_path), *extra])
 
 
@@ -84,7 +78,7 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
     assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)
     assert read_offline_run(runs[-1])["summary"]["epoch"] == 1
 
-    main(["validate", "--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"), *TINY,
+    main(["validate", "--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"), *TINY_CLI_ARGS,
           "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"])
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 3 and "probe/val_top1" in read_offline_run(runs[-1])["summary"]
@@ -142,7 +136,7 @@ def test_unknown_method_in_yaml_lists_choices(tmp_path):
 def test_two_process_ddp_fit_from_the_cli(tmp_path):
     """Lightning DDP on 2 CPU processes (gloo): the global batch of 32 is split 16 + 16, so an epoch of
     128 samples is 4 optimizer steps, and only rank 0 writes the checkpoint and the W&B run."""
-    result = run_cli("fit", "--config", "experiments/fashion_mnist/vicreg.yaml", *TINY,
+    result = run_cli("fit", "--config", "experiments/fashion_mnist/vicreg.yaml", *TINY_CLI_ARGS,
                      "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "2",
                      "--trainer.default_root_dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]

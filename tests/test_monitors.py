@@ -5,22 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_data, tiny_trainer, tiny_vicreg
+from helpers import TINY_CLI_ARGS, tiny_data, tiny_trainer, tiny_vicreg
 from ssl_lightning.callbacks import KNNMonitor, SpectrumMonitor
 from ssl_lightning.wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data.dataset", "synthetic", "--data.synthetic_size", "128", "--data.batch_size", "32",
-        "--data.num_workers", "0", "--data.views", '[{"size": 16}, {"size": 16}]',
-        "--model.init_args.backbone", "convnet", "--model.init_args.backbone_kwargs", '{"width": 4}',
-        "--model.init_args.projector", "32-32", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false"]
 
 
 def cli(subcommand, *args):
-    result = subprocess.run([sys.executable, "-m", "ssl_lightning", subcommand, "--config",
-                             "experiments/fashion_mnist/vicreg.yaml", *TINY, *args], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600)
+    command = [sys.executable, "-m", "ssl_lightning", subcommand, "--config",
+               "experiments/fashion_mnist/vicreg.yaml", *TINY_CLI_ARGS, *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

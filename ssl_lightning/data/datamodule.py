@@ -111,12 +111,16 @@ class SSLDataModule(pl.LightningDataModule):
                 f"(devices x nodes); use a multiple of {world}, e.g. {world * max(1, self.hparams.batch_size // world)}")
         return self.hparams.batch_size // world
 
+    def _load(self, split: str, *, labelled: bool) -> Dataset:
+        hp = self.hparams
+        return load_dataset(hp.dataset, hp.data_dir, split, labelled=labelled, download=hp.download,
+                            synthetic_size=hp.synthetic_size, image_size=self.info.image_size)
+
     def setup(self, stage: str) -> None:
         self.per_device_batch_size()  # fail early, before any data is read, if it does not divide
         hp, info = self.hparams, self.info
         if stage == "fit" and self.train_set is None:
-            base = load_dataset(hp.dataset, hp.data_dir, "train", labelled=hp.labelled, download=hp.download,
-                                synthetic_size=hp.synthetic_size, image_size=info.image_size)
+            base = self._load("train", labelled=hp.labelled)
             if len(base) < hp.batch_size:
                 raise ValueError(
                     f"the {hp.dataset} training set has {len(base)} samples, fewer than one global batch of "
@@ -127,8 +131,7 @@ class SSLDataModule(pl.LightningDataModule):
                 self.train_set = TransformedDataset(base, MultiViewTransform(self.views, info.mean, info.std))
         if stage in ("fit", "validate") and self.val_set is None and info.num_classes > 0:
             try:
-                base = load_dataset(hp.dataset, hp.data_dir, "val", labelled=True, download=hp.download,
-                                    synthetic_size=hp.synthetic_size, image_size=info.image_size)
+                base = self._load("val", labelled=True)
             except FileNotFoundError as err:
                 warnings.warn(f"no labelled validation split ({err}); validation probes are off", stacklevel=2)
                 return
@@ -148,8 +151,7 @@ class SSLDataModule(pl.LightningDataModule):
         when num_samples is None), rounded down to a multiple of the world size and sharded by rank,
         so every rank holds the same number and the gathered set is the same for any world size."""
         hp, info = self.hparams, self.info
-        base = load_dataset(hp.dataset, hp.data_dir, split, labelled=labelled and hp.labelled, download=hp.download,
-                            synthetic_size=hp.synthetic_size, image_size=info.image_size)
+        base = self._load(split, labelled=labelled and hp.labelled)
         order = torch.randperm(len(base), generator=torch.Generator().manual_seed(seed))
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         count = min(num_samples or len(base), len(base)) // world * world
