@@ -94,3 +94,36 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     return _AllReduceSumWithGrad.apply(x)
+
+
+@torch.no_grad()
+def all_reduce_no_grad(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or "max") over ranks of a statistic that needs no gradient (Sinkhorn sums, DINO center)."""
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return x
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's shuffle-BN: gather the global batch, permute it (rank 0's permutation, broadcast) and
+    hand each rank a slice, so per-rank BatchNorm of the key encoder sees a random mix of ranks.
+    Returns (this rank's shuffled slice, the index that batch_unshuffle needs). No-op on one process."""
+    if not is_distributed():
+        return x, torch.arange(x.shape[0], device=x.device)
+    everything = gather_no_grad(x)
+    perm = torch.randperm(everything.shape[0], device=x.device)
+    dist.broadcast(perm, src=0)
+    local = perm.view(world_size(), -1)[rank()]
+    return everything[local], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(y: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Tensor:
+    """Inverse of batch_shuffle for the outputs: this rank's own samples, in their original order."""
+    if not is_distributed():
+        return y
+    everything = gather_no_grad(y)
+    return everything[unshuffle_index.view(world_size(), -1)[rank()]]

@@ -61,6 +61,17 @@ class SSLMethod(pl.LightningModule):
     def ssl_step(self, views: list[torch.Tensor]) -> SSLOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement ssl_step(views)")
 
+    def evaluated_modules(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """(backbone, projector or None): the network that forward(), the monitors and offline
+        evaluation look at. Methods that evaluate an EMA teacher return the teacher's."""
+        projector = getattr(self, "projector", None)
+        return self.backbone, projector if isinstance(projector, torch.nn.Module) else None
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules whose gradients are dropped this step (SwAV prototypes and DINO's last layer
+        during the first epoch). The optimizer skips parameters without a gradient entirely."""
+        return []
+
     # ---- Lightning hooks ----------------------------------------------------------------
     def configure_model(self) -> None:
         if self.hparams.sync_bn:
@@ -73,15 +84,16 @@ class SSLMethod(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features (N, feature_dim): the representation being learned."""
-        return self.backbone(self._prepare(images))
+        return self.evaluated_modules()[0](self._prepare(images))
 
     @torch.no_grad()
     def embeddings(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the monitors look at: backbone features and, where the method has one, projector output."""
         features = self(images)
         out = {"backbone": features.float()}
-        if isinstance(getattr(self, "projector", None), torch.nn.Module):
-            out["projector"] = self.projector(features).float()
+        projector = self.evaluated_modules()[1]
+        if projector is not None:
+            out["projector"] = projector(features).float()
         return out
 
     def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -101,6 +113,11 @@ class SSLMethod(pl.LightningModule):
         if len(kept):
             self._log_accuracy("train", logits, kept, on_step=True)
         return out.loss + probe_loss
+
+    def on_after_backward(self) -> None:
+        for module in self.frozen_modules():
+            for p in module.parameters():
+                p.grad = None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         if self.probe is None:
