@@ -9,21 +9,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ddp import run_distributed
+from equivalence import StepWrapper, max_grad_error, rel_err, snapshot
 from ssl_lightning.methods import VICReg
 
 pytestmark = pytest.mark.distributed
 B_LOCAL, WORLD = 6, 2
-
-
-class StepWrapper(torch.nn.Module):
-    """What Lightning's DDP wrapper does: forward = the method's training loss."""
-
-    def __init__(self, method):
-        super().__init__()
-        self.method = method
-
-    def forward(self, v1, v2):
-        return self.method.ssl_step([v1, v2]).loss
 
 
 def make_method(sync_bn: bool = True) -> VICReg:
@@ -37,12 +27,6 @@ def make_method(sync_bn: bool = True) -> VICReg:
 def make_views() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return torch.randn(B_LOCAL * WORLD, 3, 12, 12, generator=g), torch.randn(B_LOCAL * WORLD, 3, 12, 12, generator=g)
-
-
-def snapshot(method, loss):
-    return {"loss": loss.detach(),
-            "grads": {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None},
-            "buffers": {n: b.clone() for n, b in method.named_buffers() if "running" in n}}
 
 
 def single_process_step(sync_bn: bool = True):
@@ -68,14 +52,6 @@ def ddp_step(rank, world, sync_bn=True, break_gather=False):
     mean_loss = loss.detach().clone()
     torch.distributed.all_reduce(mean_loss)
     return snapshot(method, mean_loss / world)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
-
-
-def max_grad_error(ranks, ref):
-    return max(rel_err(r["grads"][n], g) for r in ranks for n, g in ref["grads"].items())
 
 
 def test_vicreg_step_equals_single_process(tmp_path):
