@@ -63,6 +63,11 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
         self.every_steps, self.every_epochs = every_n_train_steps, every_n_epochs
 
+    def save_now(self, trainer) -> str:
+        """Write last.ckpt for the current step, whatever the schedule (preemption)."""
+        self._save_last(trainer)
+        return self.last_model_path
+
     def _save_last(self, trainer) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run or self._last_global_step_saved == trainer.global_step \
                 and trainer.global_step > 0 and self.last_model_path:
@@ -76,6 +81,8 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.current.processed < trainer.num_training_batches:
+            return  # stopped mid-epoch (preemption): an epoch-end save would mark the epoch as finished
         if self.every_epochs and (trainer.current_epoch + 1) % self.every_epochs == 0:
             self._last_global_step_saved = -1  # the epoch-end state (loop counters) differs from the step save
             self._save_last(trainer)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities import rank_zero_only
 
-from ssl_lightning.callbacks import FitSummary, KNNMonitor, SpectrumMonitor
+from ssl_lightning.callbacks import FitSummary, KNNMonitor, PreemptionHandler, SpectrumMonitor
 from ssl_lightning.checkpointing import LastCheckpoint
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.methods import METHODS, SSLMethod
@@ -103,6 +104,7 @@ class SSLCLI(LightningCLI):
         parser.add_lightning_class_args(FitSummary, "summary")
         parser.add_lightning_class_args(SpectrumMonitor, "spectrum")
         parser.add_lightning_class_args(KNNMonitor, "knn")
+        parser.add_lightning_class_args(PreemptionHandler, "preemption")
         parser.link_arguments("data.batch_size", "model.init_args.batch_size")
         for source, target in (("num_classes", "num_classes"), ("channels", "in_chans"), ("image_size", "image_size")):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
@@ -113,6 +115,10 @@ class SSLCLI(LightningCLI):
         if not trainer.default_root_dir:
             method = str(config.model.class_path).rsplit(".", 1)[-1].lower()
             trainer.default_root_dir = str(Path("runs") / f"{config.data.dataset}-{method}")
+        if SLURMEnvironment.detect():  # PreemptionHandler requeues; Lightning's handler would save mid-step
+            trainer.plugins = list(trainer.plugins or []) + [
+                {"class_path": "lightning_fabric.plugins.environments.SLURMEnvironment",
+                 "init_args": {"auto_requeue": False}}]
         if not config.checkpoint.dirpath:
             config.checkpoint.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         logger = trainer.logger

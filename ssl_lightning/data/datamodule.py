@@ -2,7 +2,8 @@
 
 Training batches are ``(views, labels)`` with ``views`` a list of (b, C, H, W) tensors, one per
 configured view; validation batches are ``(images, labels)`` for the probes. ``batch_size`` is the
-GLOBAL batch, divided over devices x nodes; Lightning's distributed sampler shards the data.
+GLOBAL batch, divided over devices x nodes; the training loader shards it by rank and resumes
+mid-epoch exactly (ssl_lightning.data.resumable).
 
 ``augment`` picks where views are made: "workers" (per-sample torchvision in DataLoader workers,
 any dataset) or "device" (uint8 batches go to the training device and BatchedViews augments
@@ -10,6 +11,7 @@ them there with per-sample random parameters; fixed-size in-memory datasets only
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 
@@ -18,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_lightning.data.batched_views import BatchedViews
+from ssl_lightning.data.resumable import ResumableLoader, ResumableSampler
 from ssl_lightning.data.datasets import TensorImageDataset, dataset_info, find_data_dir, load_dataset
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, as_view_configs, build_eval_transform
 
@@ -165,15 +168,19 @@ class SSLDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.per_device_batch_size(),
-            shuffle=train,
-            drop_last=train,
-            num_workers=workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.hparams.persistent_workers and workers > 0,
-        )
+        common = dict(batch_size=self.per_device_batch_size(), drop_last=train, num_workers=workers,
+                      pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+                      persistent_workers=self.hparams.persistent_workers and workers > 0)
+        if not train:
+            return DataLoader(dataset, **common)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True,
+                                   seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        return ResumableLoader(dataset, sampler=sampler, batches_done=self._batches_done, **common)
+
+    def _batches_done(self) -> int:
+        """Training batches finished in the current epoch (what a checkpoint taken now has seen)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
