@@ -90,6 +90,12 @@ class LastCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer, pl_module) -> None:
         pass
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        pass  # ModelCheckpoint saves "last" here; after a mid-epoch stop that would mark the epoch finished
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        pass  # the state after an exception may be mid-step; the previous last.ckpt is the consistent one
+
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step can draw from (augmentations, sampler order, dropout, masks)."""

@@ -20,9 +20,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_lightning.data.batched_views import BatchedViews
-from ssl_lightning.data.resumable import ResumableLoader, ResumableSampler
+from ssl_lightning.data.resumable import ResumableSampler
 from ssl_lightning.data.datasets import TensorImageDataset, dataset_info, find_data_dir, load_dataset
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, as_view_configs, build_eval_transform
+
+# Our loader does resume mid-epoch (through the data module's state, see state_dict below), which
+# Lightning cannot see from the loader alone.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class TransformedDataset(Dataset):
@@ -92,6 +96,7 @@ class SSLDataModule(pl.LightningDataModule):
             find_data_dir(dataset, data_dir)  # a missing or incomplete data dir fails here, not mid-fit
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._resume_state: dict[str, int] | None = None  # from a checkpoint: where the epoch stopped
 
     # Read by the CLI to configure the model (link_arguments apply_on="instantiate").
     @property
@@ -174,13 +179,28 @@ class SSLDataModule(pl.LightningDataModule):
         if not train:
             return DataLoader(dataset, **common)
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True,
-                                   seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        return ResumableLoader(dataset, sampler=sampler, batches_done=self._batches_done, **common)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True, seed=seed)
+        if self._resume_state is not None:
+            epoch, batches_done = self._resume_state["epoch"], self._resume_state["batches_done"]
+            sampler.resume_at(epoch, batches_done * common["batch_size"])
+            self._resume_state = None
+        # its own generator: creating an iterator must not draw from the global RNG, whose state the
+        # checkpoint restores (a resumed run creates its iterator at a different moment)
+        return DataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **common)
 
-    def _batches_done(self) -> int:
-        """Training batches finished in the current epoch (what a checkpoint taken now has seen)."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: the epoch and how many of its batches were trained on. (Lightning
+        prefetches a batch, so the loader itself cannot know; its own loader-state hook runs too late
+        for a resume because configure_optimizers already built the loader.)"""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        return {"epoch": trainer.current_epoch,
+                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_state = state or None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
