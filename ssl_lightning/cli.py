@@ -147,6 +147,11 @@ EVAL_COMMANDS = ("linear", "knn")
 
 def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "submit":
+        from ssl_lightning.slurm import main as submit_main
+
+        submit_main(argv[1:])
+        return
     if argv and argv[0] in EVAL_COMMANDS:
         from ssl_lightning.eval.commands import main as eval_main
 

@@ -20,7 +20,7 @@ class FitSummary(pl.Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         lines = [f"ssl-lightning: {type(pl_module).__name__} finished at epoch {trainer.current_epoch}, "
-                 f"step {trainer.global_step}"]
+                 f"step {trainer.global_step}, {trainer.world_size} process(es)"]
         value = trainer.callback_metrics.get(self.metric)
         if value is not None:
             lines.append(f"  {self.metric}: {float(value):.4f} (best {self.best or float(value):.4f})")

@@ -1,0 +1,204 @@
+"""``ssl-lightning submit``: validate resources against the config, render slurm/job.sbatch, sbatch it.
+
+    ssl-lightning submit --config experiments/cifar10/simclr.yaml --nodes 2 --gpus-per-node 4 --time 1-00:00:00
+    ssl-lightning submit --config a.yaml b.yaml --seeds 0 1 2 --gpus-per-node 1 --time 12:00:00   # job array
+    ssl-lightning submit ... --dry-run                                                            # print only
+    ssl-lightning submit --config ... -- --trainer.max_epochs 10                                 # extra fit args
+
+Everything the job writes lives under runs/<job name>/ (one sub-directory per array task), so a
+requeued job (same name) finds its checkpoint and W&B run. Impossible resources are rejected before
+sbatch is called: an indivisible global batch, more nodes / CPUs / GPUs than the partition has, a
+malformed time limit, a warning signal later than the time limit.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import yaml
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+SBATCH = "sbatch"
+TIME_FORMATS = (r"(?P<m>\d+)", r"(?P<m>\d+):(?P<s>\d+)", r"(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)", r"(?P<d>\d+)-(?P<h>\d+)",
+                r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+)", r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)")
+
+
+def time_limit_seconds(text: str) -> int:
+    """SLURM's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    for pattern in TIME_FORMATS:
+        match = re.fullmatch(pattern, text)
+        if match:
+            parts = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+            return ((parts.get("d", 0) * 24 + parts.get("h", 0)) * 60 + parts.get("m", 0)) * 60 + parts.get("s", 0)
+    raise ValueError(f"--time {text!r} is not a SLURM time limit; use e.g. 30 (minutes), 4:00:00 or 1-12:00:00")
+
+
+@dataclass
+class Partition:
+    name: str
+    nodes: int
+    cpus_per_node: int
+    gpus_per_node: int
+
+
+def parse_gres_gpus(gres: str) -> int:
+    """'gpu:4', 'gpu:h100:8(S:0-1)', '(null)' -> GPUs per node."""
+    total = 0
+    for item in gres.split(","):
+        match = re.match(r"gpu(?::[^:(]+)?:(\d+)", item.strip())
+        if match:
+            total += int(match.group(1))
+    return total
+
+
+def query_partition(name: str | None) -> Partition | None:
+    """The partition's size from sinfo (the default partition when name is None); None without sinfo."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G"], capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode:
+        return None
+    rows = [line.split("|") for line in out.stdout.split()]
+    for part, nodes, cpus, gres in rows:
+        is_default = part.endswith("*")
+        if (name is None and is_default) or part.rstrip("*") == name:
+            return Partition(part.rstrip("*"), int(nodes), int(cpus.rstrip("+")), parse_gres_gpus(gres))
+    if name is not None:
+        known = ", ".join(r[0].rstrip("*") for r in rows)
+        raise ValueError(f"--partition {name!r} does not exist on this cluster; partitions: {known}")
+    return None
+
+
+def global_batch_size(config: Path, extra: list[str]) -> int:
+    for flag, value in zip(extra, extra[1:]):
+        if flag == "--data.batch_size":
+            return int(value)
+    try:
+        data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read config {config}: {err}") from err
+    return int(data.get("batch_size", 256))
+
+
+def validate(args: argparse.Namespace, partition: Partition | None) -> None:
+    """Raise ValueError naming the bad value and the fix, before anything is submitted."""
+    if args.nodes < 1:
+        raise ValueError(f"--nodes {args.nodes} must be at least 1")
+    if args.gpus_per_node < 0 or args.cpus_per_task < 1:
+        raise ValueError(f"--gpus-per-node {args.gpus_per_node} must be >= 0 and --cpus-per-task "
+                         f"{args.cpus_per_task} >= 1")
+    if args.gpus_per_node and args.tasks_per_node != args.gpus_per_node:
+        raise ValueError(f"--tasks-per-node {args.tasks_per_node} must equal --gpus-per-node {args.gpus_per_node}: "
+                         "Lightning runs one process per GPU")
+    processes = args.nodes * args.tasks_per_node
+    for config in args.config:
+        if not config.is_file():
+            raise ValueError(f"--config {config} does not exist")
+        batch = global_batch_size(config, args.extra)
+        if batch % processes:
+            lower, upper = batch // processes * processes, (batch // processes + 1) * processes
+            raise ValueError(f"data.batch_size {batch} in {config} is not divisible by {processes} processes "
+                             f"({args.nodes} nodes x {args.tasks_per_node} per node); use {lower or upper} or {upper}")
+    limit = time_limit_seconds(args.time)
+    if args.signal_seconds >= limit:
+        raise ValueError(f"--signal-seconds {args.signal_seconds} is not shorter than the time limit "
+                         f"{args.time} ({limit} s); the job would be warned before it starts working")
+    if partition is None:
+        return
+    if args.nodes > partition.nodes:
+        raise ValueError(f"--nodes {args.nodes} exceeds the {partition.nodes} node(s) of partition {partition.name}")
+    cpus = args.tasks_per_node * args.cpus_per_task
+    if cpus > partition.cpus_per_node:
+        raise ValueError(f"{args.tasks_per_node} tasks x {args.cpus_per_task} CPUs = {cpus} CPUs per node exceeds the "
+                         f"{partition.cpus_per_node} CPUs per node of partition {partition.name}; lower "
+                         "--cpus-per-task or --tasks-per-node")
+    if args.gpus_per_node > partition.gpus_per_node:
+        raise ValueError(f"--gpus-per-node {args.gpus_per_node} exceeds the {partition.gpus_per_node} GPUs per node "
+                         f"of partition {partition.name}")
+
+
+def job_name(args: argparse.Namespace) -> str:
+    if args.job_name:
+        return args.job_name
+    first = args.config[0]
+    return f"{first.parent.name}-{first.stem}" if len(args.config) == 1 else f"{first.parent.name}-sweep"
+
+
+def render(args: argparse.Namespace) -> tuple[str, Path]:
+    """The job script and the directory it belongs in (runs/<job name>)."""
+    name = job_name(args)
+    root = (Path(args.runs) / name).resolve()
+    tasks = [(c.resolve(), s) for c in args.config for s in (args.seeds or [None])]
+    array = len(tasks) > 1
+    run_dirs = [root / (f"{c.stem}-seed{s}" if s is not None else c.stem) if array else root for c, s in tasks]
+    optional = []
+    if args.gpus_per_node:
+        optional.append(f"#SBATCH --gpus-per-node={args.gpus_per_node}")
+    if args.partition:
+        optional.append(f"#SBATCH --partition={args.partition}")
+    if array:
+        optional.append(f"#SBATCH --array=0-{len(tasks) - 1}")
+    processes = args.nodes * args.tasks_per_node
+    script = Template(TEMPLATE.read_text()).substitute(
+        job_name=name, nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+        time=args.time, signal_seconds=args.signal_seconds,
+        log_path=root / ("slurm-%a.out" if array else "slurm.out"), optional_lines="\n".join(optional),
+        workdir=shlex.quote(str(Path.cwd())), python=shlex.quote(sys.executable),
+        configs=" ".join(shlex.quote(str(c)) for c, _ in tasks),
+        seeds=" ".join(str(s if s is not None else args.default_seed) for _, s in tasks),
+        run_dirs=" ".join(shlex.quote(str(d)) for d in run_dirs),
+        accelerator="gpu" if args.gpus_per_node else "cpu",
+        strategy_args="--trainer.strategy ddp " if processes > 1 else "",
+        extra_args=" ".join(shlex.quote(a) for a in args.extra))
+    return script, root
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssl-lightning submit", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, nargs="+", required=True, help="one or more YAML configs (several: job array)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="0 runs on CPUs (gloo)")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="processes per node (default: GPUs per node, or 1)")
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--time", required=True, help="SLURM time limit, e.g. 4:00:00 or 1-00:00:00")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one array task per config x seed")
+    p.add_argument("--default-seed", type=int, default=0, help="seed when --seeds is not given")
+    p.add_argument("--signal-seconds", type=int, default=120, help="SIGUSR1 this long before the time limit")
+    p.add_argument("--job-name", default=None, help="default: <dataset>-<method> from the config path")
+    p.add_argument("--runs", default="runs", help="parent of the run directory runs/<job name>")
+    p.add_argument("--dry-run", action="store_true", help="print the script; do not write or submit it")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = parser()
+    args = p.parse_args(own)
+    args.extra = extra
+    if args.tasks_per_node is None:
+        args.tasks_per_node = args.gpus_per_node or 1
+    try:
+        validate(args, query_partition(args.partition))
+    except ValueError as err:
+        p.error(str(err))
+    script, root = render(args)
+    if args.dry_run:
+        print(script)
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "job.sbatch"
+    path.write_text(script)
+    result = subprocess.run([SBATCH, "--parsable", str(path)], capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"sbatch failed ({result.returncode}): {result.stderr.strip()}")
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id} ({job_name(args)}): script {path}, logs and checkpoints under {root}")
+    print(job_id)

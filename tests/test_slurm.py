@@ -1,0 +1,185 @@
+"""SLURM support against a real local cluster (slurm/local_cluster.sh; .ci/run starts it).
+
+- `ssl-lightning submit` of a tiny CPU fit with 2 tasks: the job completes, trains with DDP over gloo
+  on 2 processes, and leaves its checkpoint and offline W&B run under runs/<job name>.
+- Preemption: `scancel --signal=USR1 --batch` makes the running job save last.ckpt, requeue itself
+  and, once restarted, resume from that step: it ends at exactly max_epochs x steps-per-epoch steps
+  (an epoch restarted from scratch would add steps), in the same W&B run.
+- Bad input is rejected before sbatch is called (these tests need no cluster).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_lightning import slurm
+from ssl_lightning.wandb_offline import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """seed_everything: 0
+trainer: {accelerator: cpu, max_epochs: EPOCHS, enable_progress_bar: false, enable_model_summary: false,
+          log_every_n_steps: 1, limit_val_batches: 1}
+model:
+  class_path: ssl_lightning.methods.VICReg
+  init_args: {backbone: convnet, backbone_kwargs: {width: 4}, projector: 32-32}
+data: {dataset: synthetic, synthetic_size: 128, batch_size: 32, num_workers: 0, views: [{size: 16}, {size: 16}]}
+spectrum: {every_n_epochs: 0}
+knn: {every_n_epochs: 0}
+"""
+STEPS_PER_EPOCH = 4  # 128 / 32
+
+
+def cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    if result.returncode == 0 and result.stdout.strip():
+        return True
+    return subprocess.run([str(ROOT / "slurm" / "local_cluster.sh"), "start"]).returncode == 0
+
+
+needs_cluster = pytest.mark.skipif("not cluster_up()", reason="no SLURM cluster: run slurm/local_cluster.sh start")
+
+
+def tiny_config(tmp_path: Path, epochs: int) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.replace("EPOCHS", str(epochs)))
+    return path
+
+
+def submit(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "ssl_lightning", "submit", *args], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+def job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    match = re.search(r"JobState=(\w+)", out)
+    return match.group(1) if match else "UNKNOWN"
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise TimeoutError(f"waited {timeout} s for {what}")
+
+
+def wait_done(job: str, log: Path, timeout: float = 400) -> None:
+    wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout, f"job {job}")
+    assert job_state(job) == "COMPLETED", log.read_text()[-3000:]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_submit_two_task_ddp_fit_completes(tmp_path):
+    job = submit("--config", str(tiny_config(tmp_path, 2)), "--gpus-per-node", "0", "--tasks-per-node", "2",
+                 "--cpus-per-task", "1", "--time", "10", "--runs", str(tmp_path / "runs"), "--job-name", "ddp2")
+    run_dir = tmp_path / "runs" / "ddp2"
+    wait_done(job, run_dir / "slurm.out")
+    log = (run_dir / "slurm.out").read_text()
+    assert "MEMBER: 2/2" in log and "distributed_backend=gloo" in log
+    assert f"finished at epoch 2, step {2 * STEPS_PER_EPOCH // 2}, 2 process(es)" in log, \
+        "the global batch of 32 is split over 2 ranks: 2 steps per epoch of 16 + 16 samples"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS_PER_EPOCH
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    (wandb_dir,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+    assert read_offline_run(wandb_dir)["complete"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_preempted_job_requeues_and_resumes_in_the_same_wandb_run(tmp_path):
+    epochs = 12
+    job = submit("--config", str(tiny_config(tmp_path, epochs)), "--gpus-per-node", "0", "--cpus-per-task", "1",
+                 "--time", "10", "--runs", str(tmp_path / "runs"), "--job-name", "preempt")
+    run_dir = tmp_path / "runs" / "preempt"
+    ckpt, log_path = run_dir / "checkpoints" / "last.ckpt", run_dir / "slurm.out"
+    wait_for(ckpt.is_file, 300, "the first epoch's checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    wait_for(lambda: "requeued SLURM job" in log_path.read_text(), 120, "the requeue")
+    # SLURM holds a requeued job for ~2 minutes (BeginTime); release it now
+    wait_for(lambda: job_state(job) == "PENDING", 120, "the job to be pending again")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_done(job, log_path)
+
+    log = log_path.read_text()
+    assert "restart 1" in log, "SLURM restarted the same job"
+    step = int(re.search(r"preemption signal at step (\d+)", log).group(1))
+    assert 0 < step < epochs * STEPS_PER_EPOCH
+    assert "Restored all states from the checkpoint" in log
+    assert torch.load(ckpt, weights_only=False)["global_step"] == epochs * STEPS_PER_EPOCH, \
+        "resumed at the interrupted step: no epoch repeated from scratch"
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs), "both parts log to the same W&B run"
+    resumed = read_offline_run(runs[1])
+    first_step = min(row["trainer/global_step"] for row in resumed["history"] if "trainer/global_step" in row)
+    assert first_step > step - 1, f"the resumed part starts after step {step}, not from scratch ({first_step})"
+
+
+# ---- bad input: rejected before sbatch (no cluster needed) -------------------------------------------
+PARTITION = slurm.Partition("debug", nodes=2, cpus_per_node=16, gpus_per_node=4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus-per-node", "2", "--cpus-per-task", "2", "--nodes", "4"], "--nodes 4 exceeds the 2 node(s) of partition"),
+    (["--gpus-per-node", "8", "--cpus-per-task", "2"], "--gpus-per-node 8 exceeds the 4 GPUs per node"),
+    (["--gpus-per-node", "4", "--cpus-per-task", "8"], "32 CPUs per node exceeds the 16 CPUs per node"),
+    (["--gpus-per-node", "3", "--cpus-per-task", "2"], "data.batch_size 256 in"),
+    (["--gpus-per-node", "2", "--cpus-per-task", "2", "--", "--data.batch_size", "9"], "data.batch_size 9"),
+    (["--gpus-per-node", "2", "--tasks-per-node", "1"], "must equal --gpus-per-node 2"),
+    (["--gpus-per-node", "1", "--time", "2h"], "--time '2h' is not a SLURM time limit"),
+    (["--gpus-per-node", "1", "--time", "1", "--signal-seconds", "90"], "--signal-seconds 90 is not shorter"),
+    (["--nodes", "0"], "--nodes 0 must be at least 1"),
+])
+def test_impossible_requests_are_rejected_before_sbatch(args, message, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(slurm, "query_partition", lambda name: PARTITION)
+    monkeypatch.setattr(slurm, "SBATCH", str(tmp_path / "sbatch-must-not-run"))
+    own = ["--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"), "--time", "1:00:00"]
+    with pytest.raises(SystemExit) as exit_info:
+        slurm.main(own + args)  # a later --time in args wins
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_prints_the_job_script(monkeypatch, capsys):
+    monkeypatch.setattr(slurm, "query_partition", lambda name: PARTITION)
+    monkeypatch.setattr(slurm, "SBATCH", "/nonexistent/sbatch")
+    slurm.main(["--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"),
+                str(ROOT / "experiments/cifar10/vicreg.yaml"), "--seeds", "0", "1", "--gpus-per-node", "2",
+                "--cpus-per-task", "4", "--time", "1-00:00:00", "--nodes", "2", "--dry-run"])
+    script = capsys.readouterr().out
+    for line in ("#SBATCH --job-name=fashion_mnist-sweep", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2",
+                 "#SBATCH --gpus-per-node=2", "#SBATCH --array=0-3", "#SBATCH --signal=B:USR1@120",
+                 "#SBATCH --requeue", "--trainer.num_nodes 2 --trainer.devices 2", "--trainer.strategy ddp",
+                 "--ckpt_path last", "SEEDS=(0 1 0 1)"):
+        assert line in script, line
+    assert "vicreg-seed1" in script and "%a" in script, "array tasks get their own run dir and log"
+    assert re.search(r"\$\{SLURM_JOB_ID\}", script) and "%j" not in script, "paths never depend on the job id"
+
+
+@pytest.mark.parametrize("text, seconds", [("30", 1800), ("4:30", 270), ("1:00:00", 3600), ("2-0", 172800),
+                                           ("1-2:3", 93780), ("1-00:00:01", 86401)])
+def test_time_limits_in_every_slurm_format(text, seconds):
+    assert slurm.time_limit_seconds(text) == seconds
+
+
+def test_gres_gpu_counts():
+    assert slurm.parse_gres_gpus("gpu:4") == 4
+    assert slurm.parse_gres_gpus("gpu:h100:8(S:0-1)") == 8
+    assert slurm.parse_gres_gpus("(null)") == 0
