@@ -91,9 +91,9 @@ def test_submit_two_task_ddp_fit_completes(tmp_path):
     wait_done(job, run_dir / "slurm.out")
     log = (run_dir / "slurm.out").read_text()
     assert "MEMBER: 2/2" in log and "distributed_backend=gloo" in log
-    assert f"finished at epoch 2, step {2 * STEPS_PER_EPOCH // 2}, 2 process(es)" in log, \
-        "the global batch of 32 is split over 2 ranks: 2 steps per epoch of 16 + 16 samples"
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS_PER_EPOCH
+    assert f"finished at epoch 2, step {2 * STEPS_PER_EPOCH}, 2 process(es)" in log, \
+        "the global batch of 32 is 16 + 16 on 2 ranks: still 4 steps per epoch"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     (wandb_dir,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
     assert read_offline_run(wandb_dir)["complete"]
