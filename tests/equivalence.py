@@ -43,7 +43,8 @@ def ddp_step(rank: int, world: int, make_method: Callable, make_views: Callable)
     method = make_method()
     views = make_views()
     local = [v.chunk(world)[rank] for v in views]
-    loss = DistributedDataParallel(StepWrapper(method))(*local)
+    model = DistributedDataParallel(StepWrapper(method))  # keep a reference: its hooks sync the gradients
+    loss = model(*local)
     loss.backward()
     mean_loss = loss.detach().clone()
     torch.distributed.all_reduce(mean_loss)

@@ -37,5 +37,5 @@ class KNNMonitor(pl.Callback):
             acc = knn_accuracy(queries[self.features], query_labels, bank[self.features], bank_labels,
                                num_classes=num_classes, k=k, temperature=self.temperature)
             values["knn/top1" if i == 0 else f"knn/top1_k{k}"] = acc
-        pl_module.log_dict(values, rank_zero_only=True)
+        pl_module.log_dict({k: float(v) for k, v in values.items()}, rank_zero_only=True)  # same on every rank
         return values

@@ -56,7 +56,7 @@ class SpectrumMonitor(pl.Callback):
             values[f"spectrum/{name}_near_zero"] = float((spectra[name] < 1e-6 * spectra[name][0]).sum())
         alarms = self._alarms(values)
         values["collapse/alarm"] = float(bool(alarms))
-        pl_module.log_dict(values, rank_zero_only=True)
+        pl_module.log_dict({k: float(v) for k, v in values.items()}, rank_zero_only=True)  # same on every rank
         if trainer.is_global_zero:
             self._publish(trainer, spectra)
         if alarms:

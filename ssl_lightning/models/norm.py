@@ -59,6 +59,8 @@ def convert_to_global_bn(module: nn.Module) -> nn.Module:
                               module.track_running_stats)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
+        for name, param in new.named_parameters(recurse=False):  # a frozen EMA teacher stays frozen
+            param.requires_grad_(getattr(module, name).requires_grad)
         return new.to(next(iter(module.state_dict().values()), torch.empty(0)).device)
     for name, child in module.named_children():
         setattr(module, name, convert_to_global_bn(child))
