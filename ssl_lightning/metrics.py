@@ -8,26 +8,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssl_lightning.spectral import eigenspectrum  # the covariance spectrum lives with the other linear algebra
+
 __all__ = ["eigenspectrum", "rankme", "effective_rank", "knn_predict", "knn_accuracy", "collapse_stats"]
 
 
 def _check_embeddings(z: torch.Tensor, name: str = "z") -> None:
     if z.dim() != 2 or z.shape[0] < 2:
         raise ValueError(f"{name} must be a 2-D tensor (N, D) with N >= 2, got shape {tuple(z.shape)}")
-
-
-def eigenspectrum(z: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of the covariance of ``z``.
-
-    z: (N, D) embeddings. The covariance is centred and divided by N - 1 (like ``torch.cov(z.T)``),
-    computed in float64. Returns (D,) float64, sorted descending, clamped at 0 (for N <= D at most
-    N - 1 of them are non-zero).
-    """
-    _check_embeddings(z)
-    zc = z.detach().to(torch.float64)
-    zc = zc - zc.mean(dim=0, keepdim=True)
-    cov = zc.T @ zc / (zc.shape[0] - 1)
-    return torch.linalg.eigvalsh(cov).flip(0).clamp_min(0.0)
 
 
 def _singular_value_distribution(z: torch.Tensor) -> torch.Tensor:
