@@ -39,3 +39,15 @@ def tiny_trainer(ckpt_dir, **kwargs) -> pl.Trainer:
                     enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
                     callbacks=[LastCheckpoint(dirpath=str(ckpt_dir))])
     return pl.Trainer(**{**defaults, **kwargs})
+
+
+class StopAfterEpochs(pl.Callback):
+    """Simulates a job killed after ``n`` epochs (the schedule still spans max_epochs)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.n:
+            trainer.should_stop = True
+

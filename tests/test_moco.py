@@ -18,7 +18,7 @@ import ssl_lightning.losses.moco as moco_losses
 import ssl_lightning.methods.mocov2 as mocov2_module
 from ddp import run_distributed
 from equivalence import assert_equivalent, ddp_step, max_grad_error, single_process_step
-from helpers import tiny_data, tiny_trainer
+from helpers import StopAfterEpochs, tiny_data, tiny_trainer
 from ssl_lightning.distributed import batch_shuffle
 from ssl_lightning.losses import mocov2_loss, mocov3_loss
 from ssl_lightning.methods import METHODS, MoCoV2, MoCoV3, SSLMethod
@@ -281,13 +281,6 @@ def test_shuffle_bn_queue_holds_the_global_batch_in_rank_order(ddp_results):
 
 
 # ---- resume ------------------------------------------------------------------------------------
-class StopAfterEpochs(pl.Callback):
-    def __init__(self, n: int):
-        self.n = n
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.n:
-            trainer.should_stop = True
 
 
 def fit_mocov2(ckpt_dir, *, stop_after=None, ckpt_path=None) -> tuple[MoCoV2, pl.Trainer]:

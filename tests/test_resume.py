@@ -7,20 +7,9 @@ import pytorch_lightning as pl
 import pytest
 import torch
 
-from helpers import tiny_data, tiny_trainer, tiny_vicreg
+from helpers import StopAfterEpochs, tiny_data, tiny_trainer, tiny_vicreg
 
 pytestmark = pytest.mark.slow
-
-
-class StopAfterEpochs(pl.Callback):
-    """Simulates a job killed after ``n`` epochs (the schedule still spans max_epochs)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.n:
-            trainer.should_stop = True
 
 
 def fit(ckpt_dir, *, stop_after=None, ckpt_path=None):

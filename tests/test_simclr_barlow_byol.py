@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddp import run_distributed
 from equivalence import StepWrapper, assert_equivalent, ddp_step, rel_err, single_process_step, snapshot
-from helpers import tiny_data, tiny_trainer
+from helpers import StopAfterEpochs, tiny_data, tiny_trainer
 from ssl_lightning.losses import (barlow_twins_loss, barlow_twins_terms, byol_loss, byol_regression_loss,
                                   multiview_nt_xent_loss, nt_xent_loss)
 from ssl_lightning.methods import BYOL, METHODS, BarlowTwins, SimCLR
@@ -299,13 +299,6 @@ def test_byol_multicrop_step_equals_single_process_teacher_included(ddp_runs):
 
 
 # ---- BYOL resume: the EMA teacher is part of the exact state -------------------------------
-class StopAfterEpochs(pl.Callback):
-    def __init__(self, n: int):
-        self.n = n
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.n:
-            trainer.should_stop = True
 
 
 class FirstStep(pl.Callback):
