@@ -50,7 +50,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class LastCheckpoint(ModelCheckpoint):
     """Keeps ``<dirpath>/last.ckpt`` up to date: every ``every_n_train_steps`` optimizer steps
-    (0 = off) and at the end of every ``every_n_epochs``-th epoch (0 = off). Nothing else is kept.
+    (0 = off), at the end of every ``every_n_epochs``-th epoch (0 = off) and at the step that reaches
+    trainer.max_steps; PreemptionHandler adds one on SIGUSR1. Nothing else is kept.
 
     A ModelCheckpoint subclass so that ``--ckpt_path last`` finds it; its own save rules replace
     ModelCheckpoint's top-k/monitor logic, which never writes last.ckpt when save_top_k=0.
@@ -77,7 +78,8 @@ class LastCheckpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_steps and trainer.global_step % self.every_steps == 0:
+        last_step = 0 < trainer.max_steps <= trainer.global_step  # a run that ends mid-epoch by max_steps
+        if last_step or self.every_steps and trainer.global_step % self.every_steps == 0:
             self._save_last(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

@@ -3,7 +3,7 @@
 A typo in a YAML (an unknown key, a removed option, a wrong type) must fail here, not on a cluster:
 every experiments/<dataset>/<method>.yaml goes through the full argument parser (--print_config
 validates every key against the classes' signatures without building the model). The CPU-sized
-Fashion-MNIST configs each train 3 optimizer steps on the real data (smaller batch, monitors off)
+Fashion-MNIST configs each train 3 optimizer steps on the real data (batch 128, monitors off)
 and must produce a finite loss.
 """
 import math
@@ -33,7 +33,7 @@ def test_config_parses(config, capsys):
 def test_fashion_mnist_config_trains(config, tmp_path):
     cli = SSLCLI(args=[
         "fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path),
-        "--data.batch_size", "64", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
+        "--data.batch_size", "128", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--spectrum.every_n_epochs", "0", "--knn.every_n_epochs", "0"])
     assert cli.trainer.global_step == 3

@@ -1,9 +1,30 @@
 """Method registry: name -> LightningModule class."""
+from ssl_lightning.methods.barlow import BarlowTwins
 from ssl_lightning.methods.base import SSLMethod, SSLOutput
+from ssl_lightning.methods.byol import BYOL
+from ssl_lightning.methods.dino import DINO
+from ssl_lightning.methods.intl import INTL, INTLM
+from ssl_lightning.methods.mocov2 import MoCoV2
+from ssl_lightning.methods.mocov3 import MoCoV3
+from ssl_lightning.methods.simclr import SimCLR
+from ssl_lightning.methods.st import SpectralTransform
+from ssl_lightning.methods.swav import SwAV
 from ssl_lightning.methods.vicreg import VICReg
+from ssl_lightning.methods.wmse import WMSE
 
 METHODS: dict[str, type[SSLMethod]] = {
+    "barlow": BarlowTwins,
+    "byol": BYOL,
+    "dino": DINO,
+    "intl": INTL,
+    "intl_m": INTLM,
+    "mocov2": MoCoV2,
+    "mocov3": MoCoV3,
+    "simclr": SimCLR,
+    "st": SpectralTransform,
+    "swav": SwAV,
     "vicreg": VICReg,
+    "wmse": WMSE,
 }
 
 
@@ -13,4 +34,5 @@ def method_class(name: str) -> type[SSLMethod]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "SSLMethod", "SSLOutput", "VICReg", "method_class"]
+__all__ = ["METHODS", "BYOL", "BarlowTwins", "DINO", "INTL", "INTLM", "MoCoV2", "MoCoV3", "SSLMethod", "SSLOutput",
+           "SimCLR", "SpectralTransform", "SwAV", "VICReg", "WMSE", "method_class"]
