@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 
 from ssl_lightning import slurm
 from ssl_lightning.wandb_offline import read_offline_run
@@ -104,6 +106,10 @@ def test_submit_two_task_ddp_fit_completes(tmp_path):
 @needs_cluster
 def test_preempted_job_requeues_and_resumes_in_the_same_wandb_run(tmp_path):
     epochs = 12
+    # submitted from a process with a live W&B service (a notebook; earlier tests in this session): its
+    # WANDB_SERVICE reaches the job, and the resumed attempt must not register its run id there again
+    wandb.init(mode="offline", dir=tmp_path).finish()
+    assert "WANDB_SERVICE" in os.environ
     job = submit("--config", str(tiny_config(tmp_path, epochs)), "--gpus-per-node", "0", "--cpus-per-task", "1",
                  "--time", "10", "--runs", str(tmp_path / "runs"), "--job-name", "preempt")
     run_dir = tmp_path / "runs" / "preempt"

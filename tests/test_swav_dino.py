@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddp import run_distributed
 from equivalence import StepWrapper, assert_equivalent, ddp_step, rel_err, single_process_step, snapshot
-from helpers import tiny_data, tiny_trainer
+from helpers import StopAfterEpochs, tiny_data, tiny_trainer
 from ssl_lightning.data.views import ViewConfig
 from ssl_lightning.losses import dino_center_update, dino_loss, sinkhorn, swav_loss, teacher_temp_at
 from ssl_lightning.methods import DINO, METHODS, SwAV
@@ -264,15 +264,6 @@ def test_swav_with_queue_ddp_equals_single_process(ddp_runs, one_thread):
 
 
 # ---- training: frozen epoch 0, bit-identical resume -----------------------------------------
-class StopAfterEpochs(pl.Callback):
-    def __init__(self, n: int):
-        self.n = n
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.n:
-            trainer.should_stop = True
-
-
 class Track(pl.Callback):
     """Copies of one tensor at the start of training and after every epoch."""
 
