@@ -4,8 +4,10 @@ from ssl_lightning.methods.base import SSLMethod, SSLOutput
 from ssl_lightning.methods.byol import BYOL
 from ssl_lightning.methods.dino import DINO
 from ssl_lightning.methods.intl import INTL, INTLM
+from ssl_lightning.methods.mae import MAE
 from ssl_lightning.methods.mocov2 import MoCoV2
 from ssl_lightning.methods.mocov3 import MoCoV3
+from ssl_lightning.methods.rcmae import RCMAE
 from ssl_lightning.methods.simclr import SimCLR
 from ssl_lightning.methods.st import SpectralTransform
 from ssl_lightning.methods.swav import SwAV
@@ -18,8 +20,10 @@ METHODS: dict[str, type[SSLMethod]] = {
     "dino": DINO,
     "intl": INTL,
     "intl_m": INTLM,
+    "mae": MAE,
     "mocov2": MoCoV2,
     "mocov3": MoCoV3,
+    "rcmae": RCMAE,
     "simclr": SimCLR,
     "st": SpectralTransform,
     "swav": SwAV,
@@ -34,5 +38,5 @@ def method_class(name: str) -> type[SSLMethod]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "BYOL", "BarlowTwins", "DINO", "INTL", "INTLM", "MoCoV2", "MoCoV3", "SSLMethod", "SSLOutput",
-           "SimCLR", "SpectralTransform", "SwAV", "VICReg", "WMSE", "method_class"]
+__all__ = ["METHODS", "BYOL", "BarlowTwins", "DINO", "INTL", "INTLM", "MAE", "MoCoV2", "MoCoV3", "RCMAE", "SSLMethod",
+           "SSLOutput", "SimCLR", "SpectralTransform", "SwAV", "VICReg", "WMSE", "method_class"]
