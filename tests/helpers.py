@@ -35,7 +35,10 @@ def tiny_vicreg(data: SSLDataModule, **kwargs) -> VICReg:
 
 
 def tiny_trainer(ckpt_dir, **kwargs) -> pl.Trainer:
+    # default_root_dir: a test passing its own callbacks still gets Lightning's default checkpoint,
+    # which must land in its tmp dir, not in the repository
     defaults = dict(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                    default_root_dir=str(ckpt_dir),
                     enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
                     callbacks=[LastCheckpoint(dirpath=str(ckpt_dir))])
     return pl.Trainer(**{**defaults, **kwargs})

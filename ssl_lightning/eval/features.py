@@ -28,13 +28,18 @@ def load_checkpoint(path: str | Path) -> tuple[SSLMethod, dict]:
     return method.eval(), checkpoint.get("datamodule_hyper_parameters", {})
 
 
+def build_datamodule(data: dict, *, num_workers: int = 0) -> SSLDataModule:
+    """The data module a checkpoint was trained with, from its stored hyperparameters."""
+    known = inspect.signature(SSLDataModule).parameters  # hparams also hold LightningCLI bookkeeping keys
+    return SSLDataModule(**{**{k: v for k, v in data.items() if k in known}, "num_workers": num_workers})
+
+
 @torch.no_grad()
 def extract_features(method: SSLMethod, data: dict, split: str, *, batch_size: int = 512, num_workers: int = 0,
                      max_samples: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float32, labels (N,)) of the labelled ``split`` with the eval transform
     (SSLDataModule.eval_loader); a fixed seeded subset of ``max_samples`` when given."""
-    known = inspect.signature(SSLDataModule).parameters  # hparams also hold LightningCLI bookkeeping keys
-    datamodule = SSLDataModule(**{**{k: v for k, v in data.items() if k in known}, "num_workers": num_workers})
+    datamodule = build_datamodule(data, num_workers=num_workers)
     loader = datamodule.eval_loader(split, max_samples, batch_size=batch_size, seed=seed)
     feats, labels = [], []
     for images, y in loader:
