@@ -142,7 +142,7 @@ class SSLCLI(LightningCLI):
         finish_wandb_run(self.trainer.logger)
 
 
-EVAL_COMMANDS = ("linear", "knn")
+EVAL_COMMANDS = ("linear", "knn", "finetune")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -151,6 +151,11 @@ def main(args: list[str] | None = None) -> None:
         from ssl_lightning.slurm import main as submit_main
 
         submit_main(argv[1:])
+        return
+    if argv and argv[0] == "landscape":
+        from ssl_lightning.landscape import main as landscape_main
+
+        landscape_main(argv[1:])
         return
     if argv and argv[0] in EVAL_COMMANDS:
         from ssl_lightning.eval.commands import main as eval_main

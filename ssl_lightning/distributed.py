@@ -6,12 +6,29 @@ Outside a process group they are identities, so the same loss code runs on one d
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
+_local_only = False
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Inside, every helper here acts as on one process although a process group exists: for work
+    that ranks split into independent pieces, each on whole batches (the loss-landscape grid)."""
+    global _local_only
+    previous, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = previous
+
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _local_only and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
