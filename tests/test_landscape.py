@@ -27,7 +27,7 @@ from ssl_lightning.landscape.objectives import (
     fixed_training_views,
     perturbed_parameters,
 )
-from ssl_lightning.methods import MoCoV2, VICReg
+from ssl_lightning.methods import MAE, MoCoV2, VICReg
 from ssl_lightning.wandb_offline import read_offline_run
 
 AXIS = "-0.5:0.5:3"
@@ -141,6 +141,32 @@ def test_ssl_step_sees_the_checkpoints_epoch_and_step():
         with pytest.raises(AttributeError, match="estimated_stepping_batches.*SSLOutput.logs"):
             method.trainer.estimated_stepping_batches
     assert method._trainer is None and method.current_epoch == 0
+
+
+def test_mae_landscape_holds_its_masks_fixed(tmp_path):
+    """MAE draws a new random mask at every ssl_step; the landscape seeds it per batch, so the same
+    call gives the same surface bit for bit, and the centre is the checkpoint's loss with exactly those
+    masks. An unseeded step gives a different loss (|difference| > 1e-4), so the check can fail."""
+    data = tiny_data(views=[{"size": 16, "scale": (0.5, 1.0)}])
+    torch.manual_seed(0)
+    method = MAE(backbone="vit_tiny", backbone_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2},
+                 decoder_dim=32, decoder_depth=1, decoder_heads=2, num_classes=data.num_classes,
+                 in_chans=data.channels, image_size=data.image_size, batch_size=data.hparams.batch_size)
+    tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(method, data)
+    method, hparams = load_checkpoint(tmp_path / "last.ckpt")
+    first = method_landscape(method, hparams, parse_grid(AXIS), **FIXED)
+    again = method_landscape(method, hparams, parse_grid(AXIS), **FIXED)
+    assert torch.equal(first, again), "same command, same surface"
+    views = fixed_training_views(build_datamodule(hparams), **FIXED)
+    with torch.no_grad():
+        seeded = []
+        for i, batch in enumerate(views):
+            torch.manual_seed(FIXED["seed"] + i)
+            seeded.append(float(method.ssl_step(batch).loss))
+        unseeded = float(method.ssl_step(views[0]).loss)
+    assert first[1, 1] == pytest.approx(sum(seeded) / len(seeded), rel=1e-6)
+    assert abs(unseeded - seeded[0]) > 1e-4, "another mask gives another loss"
+    assert (first != first[1, 1]).sum() >= 7
 
 
 # ---- distributed ---------------------------------------------------------------------------------------
