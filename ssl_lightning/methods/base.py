@@ -29,7 +29,9 @@ class SSLOutput:
 
 class SSLMethod(pl.LightningModule):
     """Base LightningModule. ``batch_size`` is the GLOBAL batch (for lr scaling); ``num_classes``,
-    ``in_chans`` and ``image_size`` are filled from the data module by the CLI."""
+    ``in_chans`` and ``image_size`` are filled from the data module by the CLI. ``compile``: True, or
+    the keyword arguments of ``torch.compile`` (``{mode: max-autotune}``), compiles the backbone for
+    ``fit`` (in place, so checkpoints keep their keys)."""
 
     def __init__(
         self,
@@ -38,6 +40,7 @@ class SSLMethod(pl.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         sync_bn: bool = True,
         channels_last: bool = False,
+        compile: bool | dict = False,
         batch_size: int = 256,
         num_classes: int = 0,
         in_chans: int = 3,
@@ -78,6 +81,13 @@ class SSLMethod(pl.LightningModule):
             convert_to_global_bn(self)
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
+
+    def on_fit_start(self) -> None:
+        options = self.hparams.compile
+        if options:
+            if not isinstance(options, dict):
+                options = {}
+            self.backbone.compile(**options)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
