@@ -20,24 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
-
 from ssl_lightning.cli import SSLCLI
+from timing import StepTimer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "fashion_mnist"
-
-
-class StepTimer(pl.Callback):
-    """Wall time from the end of step ``skip`` to the end of the last step."""
-
-    def __init__(self, skip: int):
-        self.skip, self.start, self.end, self.steps = skip, None, None, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.skip:
-            self.start = time.perf_counter()
-        elif trainer.global_step > self.skip:
-            self.end, self.steps = time.perf_counter(), trainer.global_step - self.skip
 
 
 def steps_per_second(config: Path, steps: int, skip: int) -> float:
@@ -49,7 +35,7 @@ def steps_per_second(config: Path, steps: int, skip: int) -> float:
         timer = StepTimer(skip)
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, cli.datamodule)
-    return timer.steps / (timer.end - timer.start)
+    return timer.steps_per_second()
 
 
 def run(command: list[str]) -> str:
