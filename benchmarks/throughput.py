@@ -73,7 +73,7 @@ def images_per_second(args, mode: str) -> float:
             data.setup("fit")
             images, labels = next(iter(DataLoader(data.train_set, batch_size=batch_size, shuffle=True)))
             device = torch.device(args.device)
-            views = [v.to(device) for v in data.device_views(images.to(device))]
+            views = data.device_views(images.to(device))
             loader = RepeatedBatch((views, labels.to(device)), args.steps + 1)
             cli.trainer.fit(cli.model, train_dataloaders=loader)
         else:
