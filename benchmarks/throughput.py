@@ -109,7 +109,9 @@ def pipeline_views_per_second(args) -> tuple[float, float]:
     loader = DataLoader(per_sample_set, batch_size=batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=True, persistent_workers=args.workers > 0)
     iterator = iter(loader)
-    next(iterator)  # worker start-up
+    # untimed: worker start-up and the batches the workers prefetch meanwhile (prefetch_factor 2 each)
+    for _ in range(2 * args.workers + 1):
+        next(iterator)
     start = time.perf_counter()
     for _ in range(args.pipeline_batches):
         next(iterator)
