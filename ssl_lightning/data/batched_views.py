@@ -18,7 +18,7 @@ generator makes the views deterministic.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ from ssl_lightning.data.views import ViewConfig, blur_kernel_size
 Tensor = torch.Tensor
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
 _SOLARIZE_THRESHOLD = 128 / 255  # RandomSolarize(threshold=128) on uint8, in [0, 1] units
+# Devices where an op applied with probability p runs on the selected samples only (see _per_sample_).
+SELECT_ON_HOST = {"cpu"}
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
@@ -97,17 +99,39 @@ def _resample_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int)
 def crop_resize_flip(images: Tensor, boxes: Tensor, flip_mask: Tensor | None, size: int) -> Tensor:
     """float (n, C, H, W), boxes (n, 4) (top, left, height, width), flip (n,) bool -> (n, C, size, size).
 
-    Separable resampling as two batched matmuls (columns, then rows) instead of grid_sample: the weights
+    Separable resampling as two batched matmuls (rows, then columns) instead of grid_sample: the weights
     match torchvision's resized_crop(antialias=True) and an identity box returns the input exactly.
+    Both matmuls run with the channels inside the rows ((n, H, C * W) memory), so no weight matrix is
+    repeated per channel; the result is a (n, C, size, size) view of (n, size, C, size) memory. Images
+    already in (n, H, C, W) memory (``images.transpose(1, 2)`` contiguous) are used without a copy.
     """
     n, channels, height, width = images.shape
     rows = _resample_matrix(boxes[:, 0], boxes[:, 2], height, size)  # (n, size, H)
     cols = _resample_matrix(boxes[:, 1], boxes[:, 3], width, size)  # (n, size, W)
     if flip_mask is not None:  # a horizontal flip of the output is a flip of the column weights
         cols = torch.where(flip_mask[:, None, None], cols.flip(1), cols)
-    # Columns as one plain bmm over (C * H) rows: broadcasting cols over C in matmul is several times slower.
-    out = torch.bmm(images.reshape(n, -1, width), cols.transpose(1, 2)).view(n, channels, height, size)
-    return rows[:, None] @ out
+    out = torch.bmm(rows, images.transpose(1, 2).reshape(n, height, channels * width))  # (n, size, C * W)
+    out = torch.bmm(out.view(n, size * channels, width), cols.transpose(1, 2))  # (n, size * C, size)
+    return out.view(n, size, channels, size).transpose(1, 2)
+
+
+def _per_sample_(x: Tensor, mask: Tensor | None, op: Callable[..., Tensor], *params: Tensor) -> Tensor:
+    """Writes op(x, *params) into x for the samples where mask (n,) is True (all if None); returns x.
+
+    op returns its result and may overwrite its input; params are per-sample (n, ...) tensors. On the
+    CPU, op sees only the selected samples (an op applied with p = 0.1 costs a tenth of the batch); on an
+    accelerator it sees all of them and the result is blended in by the mask, because selecting would
+    make the host wait for the device to read the mask. Both give the same values.
+    """
+    if mask is not None and x.device.type not in SELECT_ON_HOST:
+        return x.lerp_(op(x.clone(), *params), mask.view(-1, 1, 1, 1).to(x.dtype))  # exact at weights 0, 1
+    index = None if mask is None else mask.nonzero().squeeze(1)
+    if index is None or len(index) == len(x):
+        out = op(x, *params)
+        return x if out is x else x.copy_(out)
+    if len(index) == 0:
+        return x
+    return x.index_copy_(0, index, op(x.index_select(0, index), *(p.index_select(0, index) for p in params)))
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -115,57 +139,74 @@ def _gray(x: Tensor) -> Tensor:
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(1)
-    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+    return (r * _GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(1)
 
 
-def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    return (x * factor.view(-1, 1, 1, 1) + other * (1 - factor.view(-1, 1, 1, 1))).clamp_(0, 1)
+def _column(factor: Tensor) -> Tensor:
+    return factor.view(-1, 1, 1, 1)
+
+
+def _brightness_(x: Tensor, factor: Tensor) -> Tensor:
+    return x.mul_(_column(factor)).clamp_(0, 1)
+
+
+def _contrast_(x: Tensor, factor: Tensor) -> Tensor:
+    # The grayscale image's mean is the luma-weighted mean of the channel means.
+    means = x.mean(dim=(2, 3))
+    mean = means[:, 0] if x.shape[1] == 1 else means @ means.new_tensor(_GRAY)
+    return x.mul_(_column(factor)).add_(_column(mean * (1 - factor))).clamp_(0, 1)
+
+
+def _saturation_(x: Tensor, factor: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    gray = _gray(x)
+    return x.mul_(_column(factor)).addcmul_(gray, _column(1 - factor)).clamp_(0, 1)
 
 
 def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
     """(n, C, H, W) in [0, 1], factor (n,) -> x * factor, clamped."""
-    return (x * factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+    return _brightness_(x.clone(), factor)
 
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     """(n, C, H, W), factor (n,): blend with the per-image mean of the grayscale image."""
-    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    return _contrast_(x.clone(), factor)
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
     """(n, 3, H, W), factor (n,): blend with the grayscale image (1-channel: unchanged, as torchvision)."""
-    return x if x.shape[1] == 1 else _blend(x, _gray(x), factor)
+    return _saturation_(x.clone(), factor)
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     """(n, 3, H, W), shift (n,) in [-0.5, 0.5]: rotate the HSV hue (1-channel: unchanged, as torchvision).
 
-    RGB -> HSV -> RGB fused: v = max and v * s = max - min pass through unchanged, so only the hue is
-    computed (in sixths of a turn) and each channel is max - (max - min) * clamp(min(k, 4 - k), 0, 1),
-    k = (m + 6 * hue) mod 6 with m = 5, 3, 1 for R, G, B.
+    RGB -> HSV -> RGB fused: v = max and v * s = max - min pass through unchanged, so only the hue h is
+    computed (in sixths of a turn). Channel c of the result is min + (max - min) * clamp(d - 1, 0, 1),
+    d the distance of h + 6 * shift + m_c from the nearest multiple of 6, m_c = 3, 1, -1 for R, G, B:
+    torchvision's piecewise hsv_to_rgb as one triangle wave.
     """
     if x.shape[1] == 1:
         return x
-    r, g, b = x[:, :1], x[:, 1:2], x[:, 2:]
-    maxc = x.amax(dim=1, keepdim=True)
-    delta = maxc - x.amin(dim=1, keepdim=True)
-    d = torch.where(delta > 0, delta, 1.0)  # grey pixels: any hue, delta = 0 keeps them grey
-    # Ties resolve R before G before B, as torchvision's _rgb_to_hsv.
-    hue6 = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4))
-    m = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
-    # hue6 in [-1, 5], 6 * shift in [-3, 3]: + 12 keeps the argument positive, so fmod is the (faster) mod.
-    k = (hue6 + (6 * shift.view(-1, 1, 1, 1) + 12) + m).fmod_(6)
-    return (maxc - delta * torch.minimum(k, 4 - k).clamp_(0, 1)).clamp_(0, 1)
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    delta = maxc - minc
+    # Ties resolve R before G before B, as torchvision's _rgb_to_hsv. Grey pixels (delta 0) get hue 0,
+    # and delta 0 keeps them grey whatever the hue.
+    hue = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(delta, alpha=2),
+                                                    (r - g).add_(delta, alpha=4)))
+    hue.div_(delta.clamp(min=torch.finfo(x.dtype).tiny))
+    offsets = 6 * _column(shift) + x.new_tensor([3.0, 1.0, -1.0]).view(1, 3, 1, 1)
+    d = hue.unsqueeze(1) + offsets  # (n, 3, H, W)
+    d.sub_((d * (1 / 6)).add_(0.5).floor_(), alpha=6).abs_()  # floor: round is slow on CPU
+    return d.sub_(1).clamp_(0, 1).mul_(delta.unsqueeze(1)).add_(minc.unsqueeze(1)).clamp_(0, 1)
 
 
-def _select(mask: Tensor | None, out: Tensor, x: Tensor) -> Tensor:
-    """Per-sample out where mask (n,) else x; lerp is exact at weights 0 and 1 and faster than where on CPU."""
-    return out if mask is None else torch.lerp(x, out, mask.view(-1, 1, 1, 1).to(x.dtype))
-
-
-def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: float, hue: float,
-                 apply_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """(n, C, H, W) in [0, 1] -> same shape: ``v2.ColorJitter(b, c, s, h)`` where apply_mask (n,) is True.
+def color_jitter_(x: Tensor, brightness: float, contrast: float, saturation: float, hue: float,
+                  apply_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """(n, C, H, W) in [0, 1], in place: ``v2.ColorJitter(b, c, s, h)`` where apply_mask (n,) is True.
 
     Factors are per sample, uniform in [max(0, 1 - b), 1 + b] (same for c, s) and hue shifts in [-h, h];
     a zero magnitude skips that op. The four ops run in ONE random order for the whole batch
@@ -175,33 +216,31 @@ def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: floa
     if hue > 0.5:
         raise ValueError(f"hue jitter {hue} must be at most 0.5, as in ColorJitter")
     n, device, rgb = x.shape[0], x.device, x.shape[1] == 3
-    ops = [(adjust_brightness, brightness, (max(0.0, 1 - brightness), 1 + brightness)),
-           (adjust_contrast, contrast, (max(0.0, 1 - contrast), 1 + contrast)),
-           (adjust_saturation, saturation if rgb else 0.0, (max(0.0, 1 - saturation), 1 + saturation)),
+    ops = [(_brightness_, brightness, (max(0.0, 1 - brightness), 1 + brightness)),
+           (_contrast_, contrast, (max(0.0, 1 - contrast), 1 + contrast)),
+           (_saturation_, saturation if rgb else 0.0, (max(0.0, 1 - saturation), 1 + saturation)),
            (adjust_hue, hue if rgb else 0.0, (-hue, hue))]
-    # (op, per-sample factor) or None: a zero magnitude skips the op, like ColorJitter's `None` parameters.
-    drawn = [(op, _uniform((n,), *bounds, generator, device)) if mag > 0 else None for op, mag, bounds in ops]
-    out = x
-    for k in torch.randperm(4, generator=generator, device=device).tolist():
-        if drawn[k] is not None:
-            op, factor = drawn[k]
-            out = op(out, factor)
-    return _select(apply_mask, out, x)
+    # Every factor is drawn even when its op is skipped, so the random stream does not depend on
+    # which ops are on; a zero magnitude skips the op, like ColorJitter's `None` parameters.
+    factors = torch.stack([_uniform((n,), *bounds, generator, device) for _, _, bounds in ops], dim=1)
+    order = [k for k in torch.randperm(4, generator=generator, device=device).tolist() if ops[k][1] > 0]
+
+    def jitter(images: Tensor, per_sample: Tensor) -> Tensor:
+        for k in order:
+            images = ops[k][0](images, per_sample[:, k])
+        return images
+
+    return _per_sample_(x, apply_mask, jitter, factors)
 
 
-def random_grayscale(x: Tensor, apply_mask: Tensor) -> Tensor:
-    """(n, 3, H, W) -> same shape, grayscale (repeated to 3 channels) where apply_mask (n,) is True."""
+def random_grayscale_(x: Tensor, apply_mask: Tensor) -> Tensor:
+    """(n, 3, H, W), in place: grayscale (repeated to 3 channels) where apply_mask (n,) is True."""
     if x.shape[1] == 1:
         return x
-    return _select(apply_mask, _gray(x).expand_as(x), x)
+    return _per_sample_(x, apply_mask, lambda images: _gray(images).expand_as(images))
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int, apply_mask: Tensor | None = None) -> Tensor:
-    """(n, C, H, W), sigma (n,) -> same shape: ``v2.functional.gaussian_blur`` with a per-sample sigma.
-
-    Separable: a horizontal then a vertical depthwise conv (one group per sample and channel, so each
-    sample gets its own kernel) after reflect padding, as torchvision pads.
-    """
+def _blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     n, channels, height, width = x.shape
     half = kernel_size // 2
     offsets = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - half
@@ -209,18 +248,24 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int, apply_mask: Tensor
     taps = taps.repeat_interleave(channels, dim=0).view(n * channels, 1, 1, kernel_size)
     padded = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, n * channels, height + 2 * half, -1)
     out = F.conv2d(F.conv2d(padded, taps, groups=n * channels), taps.transpose(2, 3), groups=n * channels)
-    return _select(apply_mask, out.view(n, channels, height, width), x)
+    return out.view(n, channels, height, width)
 
 
-def solarize(x: Tensor, threshold: float = 0.5, apply_mask: Tensor | None = None) -> Tensor:
-    """(n, C, H, W) in [0, 1]: pixels >= threshold become 1 - x where apply_mask (n,) is True.
+def gaussian_blur_(x: Tensor, sigma: Tensor, kernel_size: int, apply_mask: Tensor | None = None) -> Tensor:
+    """(n, C, H, W), sigma (n,), in place: ``v2.functional.gaussian_blur`` with a per-sample sigma.
+
+    Separable: a horizontal then a vertical depthwise conv (one group per sample and channel, so each
+    sample gets its own kernel) after reflect padding, as torchvision pads.
+    """
+    return _per_sample_(x, apply_mask, lambda images, s: _blur(images, s, kernel_size), sigma)
+
+
+def solarize_(x: Tensor, threshold: float = 0.5, apply_mask: Tensor | None = None) -> Tensor:
+    """(n, C, H, W) in [0, 1], in place: pixels >= threshold become 1 - x where apply_mask (n,) is True.
 
     BatchedViews uses threshold 128/255, i.e. RandomSolarize(threshold=128) on uint8 images.
     """
-    hit = x >= threshold
-    if apply_mask is not None:
-        hit = hit & apply_mask.view(-1, 1, 1, 1)
-    return torch.where(hit, 1 - x, x)
+    return _per_sample_(x, apply_mask, lambda images: torch.where(images >= threshold, 1 - images, images))
 
 
 class BatchedViews:
@@ -241,10 +286,13 @@ class BatchedViews:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.channels:
             raise ValueError(f"expected a uint8 (N, {self.channels}, H, W) batch, got {images.dtype} "
                              f"{tuple(images.shape)}")
-        x = images.to(torch.float32).mul_(1.0 / 255)  # as v2.ToDtype(float32, scale=True)
+        # float in (N, H, C, W) memory, the layout crop_resize_flip reads without a copy; as v2.ToDtype(scale=True)
+        x = images.transpose(1, 2).contiguous().to(torch.float32).mul_(1.0 / 255).transpose(1, 2)
         mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
         std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        return [self.augment(x, cfg, generator).sub_(mean).div_(std) for cfg in self.configs]
+        # Normalising writes each view into fresh (N, C, size, size) memory, whatever the view's layout.
+        return [torch.sub(view, mean, out=torch.empty(view.shape, device=x.device)).div_(std)
+                for view in (self.augment(x, cfg, generator) for cfg in self.configs)]
 
     def augment(self, x: Tensor, cfg: ViewConfig, generator: torch.Generator | None = None) -> Tensor:
         """float (N, C, H, W) in [0, 1] -> one un-normalised view (N, C, size, size) in [0, 1]."""
@@ -255,13 +303,13 @@ class BatchedViews:
         out = crop_resize_flip(x, boxes, flip, cfg.size)
         brightness, contrast, saturation, hue = cfg.jitter
         if cfg.jitter_p > 0 and any(cfg.jitter):
-            out = color_jitter(out, brightness, contrast, saturation, hue,
-                               _bernoulli(n, cfg.jitter_p, generator, dev), generator)
+            out = color_jitter_(out, brightness, contrast, saturation, hue,
+                                _bernoulli(n, cfg.jitter_p, generator, dev), generator)
         if channels == 3 and cfg.grayscale_p > 0:
-            out = random_grayscale(out, _bernoulli(n, cfg.grayscale_p, generator, dev))
+            out = random_grayscale_(out, _bernoulli(n, cfg.grayscale_p, generator, dev))
         if cfg.blur_p > 0:
             sigma = _uniform((n,), cfg.blur_sigma[0], cfg.blur_sigma[1], generator, dev)
-            out = gaussian_blur(out, sigma, blur_kernel_size(cfg.size), _bernoulli(n, cfg.blur_p, generator, dev))
+            out = gaussian_blur_(out, sigma, blur_kernel_size(cfg.size), _bernoulli(n, cfg.blur_p, generator, dev))
         if cfg.solarize_p > 0:
-            out = solarize(out, _SOLARIZE_THRESHOLD, _bernoulli(n, cfg.solarize_p, generator, dev))
+            out = solarize_(out, _SOLARIZE_THRESHOLD, _bernoulli(n, cfg.solarize_p, generator, dev))
         return out
