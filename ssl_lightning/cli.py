@@ -16,6 +16,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities import rank_zero_only
 
+from ssl_lightning.allocator import keep_freed_memory
 from ssl_lightning.callbacks import FitSummary, KNNMonitor, PreemptionHandler, SpectrumMonitor
 from ssl_lightning.checkpointing import LastCheckpoint
 from ssl_lightning.data.datamodule import SSLDataModule
@@ -77,6 +78,7 @@ class SSLArgumentParser(LightningArgumentParser):
 
 class SSLCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs):
+        keep_freed_memory()  # before any DataLoader worker forks, so workers share the setting
         if args is None:
             sys.argv[1:] = resolve_method_names(sys.argv[1:])
         super().__init__(
