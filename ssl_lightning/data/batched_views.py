@@ -102,8 +102,8 @@ def crop_resize_flip(images: Tensor, boxes: Tensor, flip_mask: Tensor | None, si
     Separable resampling as two batched matmuls (rows, then columns) instead of grid_sample: the weights
     match torchvision's resized_crop(antialias=True) and an identity box returns the input exactly.
     Both matmuls run with the channels inside the rows ((n, H, C * W) memory), so no weight matrix is
-    repeated per channel; the result is a (n, C, size, size) view of (n, size, C, size) memory. Images
-    already in (n, H, C, W) memory (``images.transpose(1, 2)`` contiguous) are used without a copy.
+    repeated per channel. Images already in (n, H, C, W) memory (``images.transpose(1, 2)``
+    contiguous) are used without a copy.
     """
     n, channels, height, width = images.shape
     rows = _resample_matrix(boxes[:, 0], boxes[:, 2], height, size)  # (n, size, H)
@@ -112,7 +112,7 @@ def crop_resize_flip(images: Tensor, boxes: Tensor, flip_mask: Tensor | None, si
         cols = torch.where(flip_mask[:, None, None], cols.flip(1), cols)
     out = torch.bmm(rows, images.transpose(1, 2).reshape(n, height, channels * width))  # (n, size, C * W)
     out = torch.bmm(out.view(n, size * channels, width), cols.transpose(1, 2))  # (n, size * C, size)
-    return out.view(n, size, channels, size).transpose(1, 2)
+    return out.view(n, size, channels, size).transpose(1, 2).contiguous()
 
 
 def _per_sample_(x: Tensor, mask: Tensor | None, op: Callable[..., Tensor], *params: Tensor) -> Tensor:
@@ -290,9 +290,7 @@ class BatchedViews:
         x = images.transpose(1, 2).contiguous().to(torch.float32).mul_(1.0 / 255).transpose(1, 2)
         mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
         std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        # Normalising writes each view into fresh (N, C, size, size) memory, whatever the view's layout.
-        return [torch.sub(view, mean, out=torch.empty(view.shape, device=x.device)).div_(std)
-                for view in (self.augment(x, cfg, generator) for cfg in self.configs)]
+        return [self.augment(x, cfg, generator).sub_(mean).div_(std) for cfg in self.configs]
 
     def augment(self, x: Tensor, cfg: ViewConfig, generator: torch.Generator | None = None) -> Tensor:
         """float (N, C, H, W) in [0, 1] -> one un-normalised view (N, C, size, size) in [0, 1]."""
