@@ -1,6 +1,9 @@
 """Tiny, fast configurations shared by the tests."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytorch_lightning as pl
 
 from ssl_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint
@@ -54,3 +57,15 @@ class StopAfterEpochs(pl.Callback):
         if trainer.current_epoch + 1 >= self.n:
             trainer.should_stop = True
 
+
+
+def offline_runs_of(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The offline W&B run directories of run_id, oldest first; every other run directory fails the test.
+
+    W&B names them offline-run-<YYYYmmdd_HHMMSS>-<id>, adding -1, -2 ... when two parts of a run start
+    within the same second (a tiny resumed fit does).
+    """
+    runs = sorted(wandb_dir.glob("offline-run-*"))
+    pattern = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    assert all(pattern.fullmatch(r.name) for r in runs), [r.name for r in runs]
+    return runs

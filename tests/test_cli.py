@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import TINY_CLI_ARGS
+from helpers import TINY_CLI_ARGS, offline_runs_of
 from ssl_lightning.cli import main
 from ssl_lightning.wandb_offline import read_offline_run
 
@@ -74,13 +74,13 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
     first_id = (tmp_path / "wandb_run_id").read_text().strip()
     fit(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", "last")
     assert (tmp_path / "wandb_run_id").read_text().strip() == first_id
-    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)
+    runs = offline_runs_of(tmp_path / "wandb", first_id)
+    assert len(runs) == 2
     assert read_offline_run(runs[-1])["summary"]["epoch"] == 1
 
     main(["validate", "--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"), *TINY_CLI_ARGS,
           "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"])
-    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    runs = offline_runs_of(tmp_path / "wandb", first_id)
     assert len(runs) == 3 and "probe/val_top1" in read_offline_run(runs[-1])["summary"]
 
 

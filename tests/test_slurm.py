@@ -21,6 +21,7 @@ import pytest
 import torch
 import wandb
 
+from helpers import offline_runs_of
 from ssl_lightning import slurm
 from ssl_lightning.wandb_offline import read_offline_run
 
@@ -130,8 +131,8 @@ def test_preempted_job_requeues_and_resumes_in_the_same_wandb_run(tmp_path):
     assert torch.load(ckpt, weights_only=False)["global_step"] == epochs * STEPS_PER_EPOCH, \
         "resumed at the interrupted step: no epoch repeated from scratch"
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs), "both parts log to the same W&B run"
+    runs = offline_runs_of(run_dir / "wandb", run_id)
+    assert len(runs) == 2, "both parts log to the same W&B run"
     resumed = read_offline_run(runs[1])
     first_step = min(row["trainer/global_step"] for row in resumed["history"] if "trainer/global_step" in row)
     assert first_step > step - 1, f"the resumed part starts after step {step}, not from scratch ({first_step})"
