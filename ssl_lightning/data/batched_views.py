@@ -151,9 +151,10 @@ def _brightness_(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def _contrast_(x: Tensor, factor: Tensor) -> Tensor:
-    # The grayscale image's mean is the luma-weighted mean of the channel means.
+    # The grayscale image's mean is the luma-weighted mean of the channel means (scalar weights: no
+    # host-to-device copy, which would make the host wait on CUDA).
     means = x.mean(dim=(2, 3))
-    mean = means[:, 0] if x.shape[1] == 1 else means @ means.new_tensor(_GRAY)
+    mean = means[:, 0] if x.shape[1] == 1 else sum(w * m for w, m in zip(_GRAY, means.unbind(1)))
     return x.mul_(_column(factor)).add_(_column(mean * (1 - factor))).clamp_(0, 1)
 
 
@@ -198,7 +199,8 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     hue = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(delta, alpha=2),
                                                     (r - g).add_(delta, alpha=4)))
     hue.div_(delta.clamp(min=torch.finfo(x.dtype).tiny))
-    offsets = 6 * _column(shift) + x.new_tensor([3.0, 1.0, -1.0]).view(1, 3, 1, 1)
+    m = torch.arange(3.0, -2.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 3, 1, -1, made on the device
+    offsets = 6 * _column(shift) + m
     d = hue.unsqueeze(1) + offsets  # (n, 3, H, W)
     d.sub_((d * (1 / 6)).add_(0.5).floor_(), alpha=6).abs_()  # floor: round is slow on CPU
     return d.sub_(1).clamp_(0, 1).mul_(delta.unsqueeze(1)).add_(minc.unsqueeze(1)).clamp_(0, 1)
