@@ -58,7 +58,6 @@ class StopAfterEpochs(pl.Callback):
             trainer.should_stop = True
 
 
-
 def offline_runs_of(wandb_dir: Path, run_id: str) -> list[Path]:
     """The offline W&B run directories of run_id, oldest first; every other run directory fails the test.
 
