@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import TracebackType
 
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -18,7 +19,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ssl_lightning.allocator import keep_freed_memory
 from ssl_lightning.callbacks import FitSummary, KNNMonitor, PreemptionHandler, SpectrumMonitor
-from ssl_lightning.checkpointing import LastCheckpoint
+from ssl_lightning.checkpointing import CheckpointError, LastCheckpoint
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.methods import METHODS, SSLMethod
 from ssl_lightning.wandb_run import (
@@ -30,6 +31,28 @@ from ssl_lightning.wandb_run import (
 )
 
 SUBCOMMANDS = ("fit", "validate")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A configuration value our code rejected while building the run; the message is one line for the user."""
+
+
+def _raised_by_us(tb: TracebackType | None) -> bool:
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
+def config_error(err: BaseException) -> ConfigError | None:
+    """The ValueError/TypeError our own validation raised, dug out of jsonargparse's wrappers (which
+    append a dump of the whole Namespace); None when the error did not come from our code."""
+    ours = None
+    while err is not None:
+        if isinstance(err, (ValueError, TypeError)) and _raised_by_us(err.__traceback__):
+            ours = err
+        err = err.__cause__ or err.__context__
+    return ConfigError(str(ours).strip().splitlines()[0]) if ours is not None else None
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -111,8 +134,22 @@ class SSLCLI(LightningCLI):
         for source, target in (("num_classes", "num_classes"), ("channels", "in_chans"), ("image_size", "image_size")):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            clean = config_error(err)
+            if clean is None:
+                raise
+            raise clean from err
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if "weights_only" in config:  # fit/validate: resuming loads with weights_only=True, always
+            if config.weights_only is False:
+                raise ConfigError("weights_only false is not supported: checkpoints load with weights_only=True so "
+                                  "that a checkpoint file cannot run code; drop --weights_only")
+            config.weights_only = True
         trainer = config.trainer
         if not trainer.default_root_dir:
             method = str(config.model.class_path).rsplit(".", 1)[-1].lower()
@@ -148,6 +185,17 @@ EVAL_COMMANDS = ("linear", "knn", "finetune")
 
 
 def main(args: list[str] | None = None) -> None:
+    """Runs the command; a bad configuration value or an unusable checkpoint ends it with one line
+    ``error: ...`` on stderr (exit status 2), not a traceback."""
+    try:
+        run_command(args)
+    except (ConfigError, CheckpointError) as err:
+        sys.stderr.flush()
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def run_command(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "submit":
         from ssl_lightning.slurm import main as submit_main

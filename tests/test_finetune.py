@@ -11,7 +11,7 @@ from ssl_lightning.cli import main
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.data.datasets import load_dataset
 from ssl_lightning.data.views import ViewConfig
-from ssl_lightning.eval.features import load_checkpoint
+from ssl_lightning.eval.features import load_method
 from ssl_lightning.eval.finetune import balanced_subset, finetune_eval, finetune_method, untrained_copy
 from ssl_lightning.methods import BYOL
 from ssl_lightning.wandb_offline import read_offline_run
@@ -89,7 +89,7 @@ def test_finetunes_the_evaluated_backbone_and_only_reads_the_checkpoint(tmp_path
         tiny_byol(data, evaluate_teacher), data)
     ckpt = tmp_path / "last.ckpt"
     before = sha256(ckpt)
-    method, hparams = load_checkpoint(ckpt)
+    method, hparams = load_method(ckpt)
     tuned, other = (method.teacher["backbone"], method.backbone) if evaluate_teacher else \
         (method.backbone, method.teacher["backbone"])
     tuned_before, other_before = parameters(tuned), parameters(other)
@@ -106,7 +106,7 @@ def test_random_init_is_the_same_architecture_untrained(tmp_path):
     """--random_init: same parameter names and shapes as the checkpoint's backbone, other values."""
     data = tiny_data()
     tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(tiny_vicreg(data), data)
-    method, _ = load_checkpoint(tmp_path / "last.ckpt")
+    method, _ = load_method(tmp_path / "last.ckpt")
     fresh = untrained_copy(method)
     trained, untrained = method.backbone.state_dict(), fresh.backbone.state_dict()
     assert trained.keys() == untrained.keys()

@@ -19,7 +19,7 @@ from ddp import run_distributed
 from helpers import tiny_data, tiny_trainer
 from ssl_lightning.cli import main
 from ssl_lightning.distributed import rank
-from ssl_lightning.eval.features import build_datamodule, load_checkpoint
+from ssl_lightning.eval.features import build_datamodule, load_method
 from ssl_lightning.landscape import filter_normalized_direction, loss_grid, method_landscape, parse_grid
 from ssl_lightning.landscape.objectives import (
     at_checkpoint_step,
@@ -94,7 +94,7 @@ def mocov2_ckpt(tmp_path_factory):
 
 
 def test_centre_is_the_checkpoints_loss_and_weights_are_unchanged(mocov2_ckpt):
-    method, data = load_checkpoint(mocov2_ckpt)
+    method, data = load_method(mocov2_ckpt)
     before = {k: v.clone() for k, v in method.state_dict().items()}
     grid = method_landscape(method, data, parse_grid(AXIS), **FIXED)
     after = method.state_dict()
@@ -116,7 +116,7 @@ def test_centre_is_the_checkpoints_loss_and_weights_are_unchanged(mocov2_ckpt):
 
 
 def test_probe_landscape_centre_is_the_probes_cross_entropy(mocov2_ckpt):
-    method, data = load_checkpoint(mocov2_ckpt)
+    method, data = load_method(mocov2_ckpt)
     grid = method_landscape(method, data, parse_grid(AXIS), loss="probe", **FIXED)
     images = fixed_labelled_images(build_datamodule(data), **FIXED)
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_mae_landscape_holds_its_masks_fixed(tmp_path):
                  decoder_dim=32, decoder_depth=1, decoder_heads=2, num_classes=data.num_classes,
                  in_chans=data.channels, image_size=data.image_size, batch_size=data.hparams.batch_size)
     tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(method, data)
-    method, hparams = load_checkpoint(tmp_path / "last.ckpt")
+    method, hparams = load_method(tmp_path / "last.ckpt")
     first = method_landscape(method, hparams, parse_grid(AXIS), **FIXED)
     again = method_landscape(method, hparams, parse_grid(AXIS), **FIXED)
     assert torch.equal(first, again), "same command, same surface"
@@ -171,7 +171,7 @@ def test_mae_landscape_holds_its_masks_fixed(tmp_path):
 
 # ---- distributed ---------------------------------------------------------------------------------------
 def landscape_on_rank(rank_: int, world: int, ckpt: str) -> dict:
-    method, data = load_checkpoint(ckpt)
+    method, data = load_method(ckpt)
     grid = method_landscape(method, data, parse_grid(AXIS), **FIXED)
     calls = []
     model = nn.Linear(2, 2)
@@ -184,7 +184,7 @@ def landscape_on_rank(rank_: int, world: int, ckpt: str) -> dict:
 def test_two_ranks_give_the_one_process_grid(mocov2_ckpt, tmp_path):
     """Rank 0 evaluates points 0, 2, 4, 6, 8 and rank 1 points 1, 3, 5, 7 of the 3 x 3 grid; both end
     with the full grid. Tolerance 1e-5 relative: the ranks run on 1 thread, this process on 2."""
-    method, data = load_checkpoint(mocov2_ckpt)
+    method, data = load_method(mocov2_ckpt)
     single = method_landscape(method, data, parse_grid(AXIS), **FIXED)
     ranks = run_distributed(landscape_on_rank, mocov2_ckpt, out_dir=tmp_path)
     assert [r["points_evaluated"] for r in ranks] == [5, 4]

@@ -55,4 +55,4 @@ def test_last_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
         checkpointing.atomic_torch_save({"step": 2}, target)
     monkeypatch.undo()
     assert torch.load(target)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256.json"]

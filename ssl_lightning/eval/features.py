@@ -7,21 +7,20 @@ from pathlib import Path
 
 import torch
 
+from ssl_lightning.checkpointing import CheckpointError, load_checkpoint
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.methods import SSLMethod
 
 
-def load_checkpoint(path: str | Path) -> tuple[SSLMethod, dict]:
-    """(method in eval mode on CPU, data-module hyperparameters) from a last.ckpt written by fit."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train first (ssl-lightning fit ...)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def load_method(path: str | Path) -> tuple[SSLMethod, dict]:
+    """(method in eval mode on CPU, data-module hyperparameters) from a checkpoint written by fit,
+    verified and loaded with weights_only=True (checkpointing.load_checkpoint; CheckpointError if unusable)."""
+    checkpoint = load_checkpoint(path)
     class_path = checkpoint.get("method_class") or checkpoint.get("hyper_parameters", {}).get("_class_path", "")
     module_name, _, class_name = class_path.rpartition(".")
     if not module_name:
-        raise ValueError(f"checkpoint {path} has no method class path in its hyperparameters; "
-                         "it was not written by `ssl-lightning fit`")
+        raise CheckpointError(f"checkpoint {path} has no method class path in its hyperparameters; "
+                              "it was not written by `ssl-lightning fit`")
     cls = getattr(importlib.import_module(module_name), class_name)
     method = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     method.configure_model()  # the memory format (channels_last) the method was trained with

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ssl_lightning.data.datamodule import SSLDataModule, TransformedDataset
 from ssl_lightning.data.views import ViewConfig, build_view_transform
-from ssl_lightning.eval.features import build_datamodule, load_checkpoint
+from ssl_lightning.eval.features import build_datamodule, load_method
 from ssl_lightning.eval.linear import topk_accuracy
 from ssl_lightning.methods import SSLMethod
 
@@ -153,7 +153,7 @@ def finetune_eval(ckpt: str | Path, *, label_fraction: float, epochs: int = 30, 
                   random_init: bool = False, **kwargs) -> dict[str, float]:
     """finetune_method on a checkpoint written by ``ssl-lightning fit`` (the file is only read);
     ``random_init``: the same architecture, freshly initialised with ``seed``, as a baseline."""
-    method, data = load_checkpoint(ckpt)
+    method, data = load_method(ckpt)
     if random_init:
         torch.manual_seed(seed)
         method = untrained_copy(method)

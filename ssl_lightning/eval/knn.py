@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from ssl_lightning.eval.features import extract_features, load_checkpoint
+from ssl_lightning.eval.features import extract_features, load_method
 from ssl_lightning.metrics import knn_accuracy
 
 
@@ -11,7 +11,7 @@ def knn_eval(ckpt: str, *, ks: tuple[int, ...] = (10, 20, 100, 200), temperature
              num_workers: int = 0, train_samples: int | None = None) -> dict[str, float]:
     """{"knn/top1_k<k>": accuracy for each k, "knn/seconds"}: cosine similarity, votes exp(sim / T)."""
     start = time.time()
-    method, data = load_checkpoint(ckpt)
+    method, data = load_method(ckpt)
     bank, bank_y = extract_features(method, data, "train", num_workers=num_workers, max_samples=train_samples)
     queries, query_y = extract_features(method, data, "val", num_workers=num_workers)
     num_classes = int(max(bank_y.max(), query_y.max())) + 1

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ssl_lightning.eval.features import extract_features, load_checkpoint
+from ssl_lightning.eval.features import extract_features, load_method
 from ssl_lightning.methods import SSLMethod
 
 
@@ -56,5 +56,5 @@ def linear_eval_method(method: SSLMethod, data: dict, *, epochs: int = 30, num_w
 
 def linear_eval(ckpt: str, **kwargs) -> dict[str, float]:
     """linear_eval_method on a checkpoint written by ``ssl-lightning fit``."""
-    method, data = load_checkpoint(ckpt)
+    method, data = load_method(ckpt)
     return linear_eval_method(method, data, **kwargs)

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ssl_lightning.checkpointing import load_checkpoint
 from ssl_lightning.distributed import rank
-from ssl_lightning.eval.features import build_datamodule, load_checkpoint
+from ssl_lightning.eval.features import build_datamodule, load_method
 from ssl_lightning.landscape.grid import filter_normalized_direction, loss_grid, parse_grid, summarize
 from ssl_lightning.landscape.objectives import (
     LOSSES,
@@ -42,7 +43,7 @@ def method_landscape(method: SSLMethod, data: dict, axis: torch.Tensor, *, loss:
     """(len(axis), len(axis)) float64 grid: losses[i, j] = ``loss`` at theta* + axis[i] d1 + axis[j] d2,
     d1 and d2 filter-normalised directions with seeds ``seed`` and ``seed + 1``.
 
-    ``method`` in eval mode on its device, ``data`` its data-module hyperparameters (load_checkpoint);
+    ``method`` in eval mode on its device, ``data`` its data-module hyperparameters (load_method);
     batch_size defaults to the global batch it was trained with; views and images are drawn with
     ``seed``; epoch and global_step are what schedules inside ssl_step see. The method's parameters
     and buffers are the same, bit for bit, afterwards.
@@ -121,8 +122,8 @@ def landscape(ckpt: str, *, grid: str = "-1:1:21", loss: str = "pretrain", num_b
     output paths); other ranks return the summary and no paths."""
     axis = parse_grid(grid)
     start = time.time()
-    method, data = load_checkpoint(ckpt)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # for its epoch and step
+    method, data = load_method(ckpt)
+    saved = load_checkpoint(ckpt)  # for its epoch and step
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     losses = method_landscape(method.to(device), data, axis, loss=loss, num_batches=num_batches,
                               batch_size=batch_size, seed=seed, epoch=int(saved.get("epoch", 0)),
