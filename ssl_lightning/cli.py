@@ -9,6 +9,7 @@ model's view of the data (classes, channels, image size, global batch).
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from types import TracebackType
@@ -88,10 +89,27 @@ def _class_path(name: str) -> str:
     raise SystemExit(f"error: unknown method {name!r}; choose one of {sorted(METHODS)}")
 
 
+def one_line_parse_error(message: str) -> str:
+    """jsonargparse's multi-line type error (subtypes, per-subtype errors, the given value, often a
+    whole Namespace) -> one sentence naming the key, the value and what it accepts."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    value = re.search(r"(?:Given|Got) value: (.*)$", message, re.M)
+    if not key or not value or "Namespace(" in value[1]:
+        return message
+    types = [cls or f"one of {choices}" for cls, choices in
+             re.findall(r"Expected a (?:<class '([\w.]+)'>|typing\.Literal\[(.*)\])$", message, re.M)
+             if cls != "NoneType"]
+    others = [r.strip() for r in re.findall(r"^\s*- (.*)$", message, re.M)
+              if not r.startswith(("Expected a <class", "Expected a typing.", "Does not validate"))]
+    accepted = "; ".join([f"expected {' or '.join(types)}"] * bool(types) + others) or "wrong type"
+    return f"{key[1]} {value[1].strip()!r} is not accepted ({accepted}); see --help for its type"
+
+
 class SSLArgumentParser(LightningArgumentParser):
-    """Adds the valid method names to errors about model.class_path."""
+    """One-line type errors; adds the valid method names to errors about model.class_path."""
 
     def error(self, message: str, ex: Exception | None = None):
+        message = one_line_parse_error(message)
         if "class_path" in message or "dot import path" in message:
             names = ", ".join(f"{k} ({c.__name__})" for k, c in sorted(METHODS.items()))
             message += (f"\nmodel.class_path takes a method class name or class path; registered methods: {names}. "
