@@ -77,8 +77,11 @@ def _replace_with_link(src: Path, dst: Path) -> None:
     """dst becomes another name of src's file, atomically (dst is never missing or partial)."""
     tmp = dst.with_name(f".{dst.name}.link-{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    os.link(src, tmp)
-    os.replace(tmp, dst)
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _rotate(path: Path, keep_last: int) -> None:
@@ -181,7 +184,8 @@ def checksum_problem(path: str | os.PathLike) -> str | None:
         while chunk := f.read(1 << 24):
             sha.update(chunk)
     if sha.hexdigest() != expected_sha:
-        return "its sha256 differs from the one recorded at write time (bit rot or a modified file)"
+        return ("its sha256 differs from the one recorded at write time (bit rot, a modified file, or a save "
+                "killed between its data and its record)")
     return None
 
 
