@@ -268,7 +268,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         options = dict(storage_options or {})
         keep_last = options.pop("keep_last", 1)
         if options:
-            raise TypeError(f"AtomicCheckpointIO takes only storage_options={{'keep_last': N}}, got {storage_options!r}")
+            raise TypeError(f"AtomicCheckpointIO takes only storage_options={{'keep_last': N}}, "
+                            f"got {storage_options!r}")
+        nonfinite = [name for name, value in checkpoint.get("state_dict", {}).items()
+                     if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+        if nonfinite:
+            raise CheckpointError(f"refusing to write checkpoint {path}: non-finite weights in {len(nonfinite)} "
+                                  f"tensor(s) ({', '.join(nonfinite[:3])}); the previous checkpoints are kept: "
+                                  "resume from them with a lower optimizer.lr or model on_nonfinite skip")
         atomic_torch_save(checkpoint, path, keep_last=keep_last)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,

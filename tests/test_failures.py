@@ -278,3 +278,77 @@ def test_bad_configuration_values_end_with_one_line(capsys):
         assert exit_info.value.code == 2, args
         assert last_line.startswith("error: ") and expected in last_line, (args, last_line)
         assert "Namespace(" not in err and "Traceback" not in err, (args, err[-2000:])
+
+
+def nan_loss_at(model, steps: set[int]) -> None:
+    """Makes the loss NaN at the given global steps, as a diverging run would."""
+    ssl_step = model.ssl_step
+
+    def nan_at_steps(views):
+        out = ssl_step(views)
+        if model.global_step in steps:
+            out.loss = out.loss * float("nan")
+        return out
+    model.ssl_step = nan_at_steps
+
+
+class Snapshots(pl.Callback):
+    """Weights and momentum buffers before and after every step, keyed by the step."""
+
+    def __init__(self):
+        self.before, self.after = {}, {}
+
+    @staticmethod
+    def snapshot(trainer, model):
+        optimizer = trainer.optimizers[0].state_dict()["state"]
+        return ({k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()},
+                {i: s["momentum_buffer"].clone() for i, s in optimizer.items() if "momentum_buffer" in s})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before[trainer.global_step] = self.snapshot(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after[trainer.global_step - 1] = self.snapshot(trainer, pl_module)
+
+
+def equal_states(a, b) -> bool:
+    return all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[1].keys() == b[1].keys() \
+        and all(torch.equal(a[1][i], b[1][i]) for i in a[1])
+
+
+def test_nonfinite_loss_skips_steps_then_stops(tmp_path):
+    """on_nonfinite skip, at most 2 skips: NaN losses at steps 1 and 2 leave weights (probe and
+    BatchNorm statistics aside: the forward pass still ran) and momentum buffers exactly as before
+    those steps, step 3 trains again; a third NaN (step 5) stops the fit with FloatingPointError, and
+    the checkpoint written at step 4 holds only finite weights."""
+    pl.seed_everything(0)
+    data = tiny_data()
+    model = tiny_vicreg(data, on_nonfinite="skip", max_nonfinite_skips=2)
+    nan_loss_at(model, {1, 2, 5})
+    snapshots = Snapshots()
+    trainer = tiny_trainer(tmp_path, callbacks=[LastCheckpoint(str(tmp_path), every_n_train_steps=2), snapshots])
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 5; .*\(on_nonfinite skip, 2 step\(s\) skipped"):
+        trainer.fit(model, data)
+    params = {k for k, _ in model.named_parameters() if not k.startswith("probe.")}
+
+    def trained(step):
+        before, after = snapshots.before[step], snapshots.after[step]
+        return ({k: v for k, v in before[0].items() if k in params}, before[1]), \
+            ({k: v for k, v in after[0].items() if k in params}, after[1])
+
+    assert equal_states(*trained(1)) and equal_states(*trained(2)), "a skipped step changed weights or momentum"
+    assert not equal_states(*trained(3)), "training resumes after the skipped steps"
+    saved = load_checkpoint(tmp_path / "last.ckpt")
+    assert saved["global_step"] == 4 and all(torch.isfinite(v).all() for v in saved["state_dict"].values()
+                                             if v.is_floating_point())
+
+
+def test_nonfinite_weights_are_never_written(tmp_path):
+    """A state dict holding a NaN is refused before anything is written; last.ckpt stays step 1."""
+    last = tmp_path / "last.ckpt"
+    save_step(last, 1)
+    with pytest.raises(CheckpointError, match=rf"refusing to write checkpoint {last}: non-finite weights in 1 "
+                                              r"tensor\(s\) \(head.weight\)"):
+        state = {"head.weight": torch.tensor([1.0, float("nan")]), "head.bias": torch.zeros(2)}
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "state_dict": state}, last)
+    assert step_of(last) == 1

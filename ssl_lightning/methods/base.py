@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_lightning.checkpointing import rng_state, set_rng_state
+from ssl_lightning.distributed import all_reduce_no_grad
 from ssl_lightning.models.backbones import build_backbone
 from ssl_lightning.models.norm import convert_to_global_bn
 from ssl_lightning.models.probe import LinearProbe
@@ -31,7 +33,9 @@ class SSLMethod(pl.LightningModule):
     """Base LightningModule. ``batch_size`` is the GLOBAL batch (for lr scaling); ``num_classes``,
     ``in_chans`` and ``image_size`` are filled from the data module by the CLI. ``compile``: True, or
     the keyword arguments of ``torch.compile`` (``{mode: max-autotune}``), compiles the backbone for
-    ``fit`` (in place, so checkpoints keep their keys)."""
+    ``fit`` (in place, so checkpoints keep their keys). ``on_nonfinite``: a non-finite loss stops the
+    fit with FloatingPointError ("stop"), or ("skip") skips that optimizer step, leaving weights and
+    optimizer state untouched, up to ``max_nonfinite_skips`` times per fit, then stops."""
 
     def __init__(
         self,
@@ -45,9 +49,15 @@ class SSLMethod(pl.LightningModule):
         num_classes: int = 0,
         in_chans: int = 3,
         image_size: int = 32,
+        on_nonfinite: str = "stop",
+        max_nonfinite_skips: int = 10,
     ):
         super().__init__()
+        if on_nonfinite not in ("stop", "skip") or max_nonfinite_skips < 0:
+            raise ValueError(f"on_nonfinite {on_nonfinite!r} must be 'stop' or 'skip' and max_nonfinite_skips "
+                             f"{max_nonfinite_skips} >= 0")
         self.save_hyperparameters()
+        self.nonfinite_skips = 0
         self.optim_cfg = optimizer
         self.backbone, self.feature_dim = build_backbone(
             backbone, in_chans=in_chans, image_size=image_size, **(backbone_kwargs or {}))
@@ -106,13 +116,28 @@ class SSLMethod(pl.LightningModule):
             out["projector"] = projector(features).float()
         return out
 
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """True when this step is to be skipped (on every rank alike); raises when the fit must stop."""
+        bad = ~torch.isfinite(loss.detach())
+        if self.hparams.on_nonfinite == "skip":  # every rank must skip together, or DDP's backward hangs
+            bad = all_reduce_no_grad(bad.float().reshape(1), "max").bool()
+        if not bad.item():
+            return False
+        message = (f"{type(self).__name__} loss is {loss.item()} at step {self.global_step}; lower optimizer.lr, "
+                   "raise warmup_epochs, or check the inputs")
+        if self.hparams.on_nonfinite == "stop" or self.nonfinite_skips >= self.hparams.max_nonfinite_skips:
+            raise FloatingPointError(f"{message} (on_nonfinite {self.hparams.on_nonfinite}, "
+                                     f"{self.nonfinite_skips} step(s) skipped before)")
+        self.nonfinite_skips += 1
+        rank_zero_warn(f"{message}; step skipped ({self.nonfinite_skips} of at most "
+                       f"{self.hparams.max_nonfinite_skips})")
+        return True
+
     def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch
         out = self.ssl_step([self._prepare(v) for v in views])
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"{type(self).__name__} loss is {out.loss.item()} at step {self.global_step}; "
-                "lower optimizer.lr, raise warmup_epochs, or check the inputs")
+        if self._nonfinite(out.loss):
+            return None  # Lightning then steps no parameter: no gradient reaches the optimizer
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
