@@ -15,6 +15,7 @@ import torch
 
 from helpers import StopAfterEpochs, tiny_data, tiny_trainer, tiny_vicreg
 from ssl_lightning import checkpointing
+from ssl_lightning.callbacks import PreemptionHandler
 from ssl_lightning.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -352,3 +353,30 @@ def test_nonfinite_weights_are_never_written(tmp_path):
         state = {"head.weight": torch.tensor([1.0, float("nan")]), "head.bias": torch.zeros(2)}
         AtomicCheckpointIO().save_checkpoint({"step": 2, "state_dict": state}, last)
     assert step_of(last) == 1
+
+
+class SigtermDuringStep(pl.Callback):
+    """Sends this process SIGTERM during step ``step``, as scancel or a time limit without --signal would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_at_the_end_of_the_step_and_stops(tmp_path):
+    """Saves every 2 steps; SIGTERM during step 3: the step finishes, last.ckpt is step 3 and verifies,
+    last-1.ckpt is step 2, no requeue, and Lightning ends the fit (SIGTERMException, a SystemExit)."""
+    pl.seed_everything(0)
+    data = tiny_data()
+    model = tiny_vicreg(data)
+    callbacks = [LastCheckpoint(str(tmp_path), every_n_train_steps=2, every_n_epochs=0), PreemptionHandler(),
+                 SigtermDuringStep(3)]
+    trainer = tiny_trainer(tmp_path, callbacks=callbacks)
+    with pytest.raises(SystemExit):
+        trainer.fit(model, data)
+    assert trainer.global_step == 3
+    assert [load_checkpoint(tmp_path / n)["global_step"] for n in ("last.ckpt", "last-1.ckpt")] == [3, 2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the fit restores the default SIGTERM handler"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import tiny_data, tiny_trainer, tiny_vicreg
+from ssl_lightning.checkpointing import CheckpointError
 from ssl_lightning.cli import main
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.data.datasets import load_dataset
@@ -119,7 +120,7 @@ def test_bad_input_names_the_value_and_the_fix(tmp_path, capsys):
     """A fraction outside (0, 1], --labels outside (0, 100], a missing checkpoint, unlabelled data."""
     with pytest.raises(ValueError, match=r"label_fraction 10 is not in \(0, 1\].*--labels takes percent"):
         finetune_method(None, {"dataset": "synthetic"}, label_fraction=10)
-    with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist; train first"):
+    with pytest.raises(CheckpointError, match="missing.ckpt does not exist; train first"):
         finetune_eval(tmp_path / "missing.ckpt", label_fraction=0.01)
     for bad in ("0", "150", "-1"):
         with pytest.raises(SystemExit):

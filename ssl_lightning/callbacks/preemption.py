@@ -8,6 +8,10 @@ per step under DDP), ``last.ckpt`` is written atomically with the data loader's 
 runs ``scontrol requeue <job>``, and the fit stops. The requeued job starts with ``--ckpt_path last``
 and continues the same step, epoch position and W&B run. Lightning's own SLURM auto-requeue (which
 saves from inside the signal handler, mid-step) is switched off by the CLI.
+
+SIGTERM (``scancel``, or a time limit reached without ``--signal``; SLURM sends SIGKILL KillWait
+seconds later) saves the same way at the end of the current step but does not requeue; Lightning
+then stops the fit. A SIGKILL during that save leaves the previous checkpoint (checkpointing.py).
 """
 from __future__ import annotations
 
@@ -56,14 +60,21 @@ class PreemptionHandler(pl.Callback):
             self._previous = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        flag = torch.tensor([float(self.received)], device=pl_module.device)
-        if not all_reduce_no_grad(flag, "max").item():
+        # Lightning's own SIGTERM handler sets received_sigterm; it raises SIGTERMException after this hook
+        flags = torch.tensor([float(self.received), float(trainer.received_sigterm)], device=pl_module.device)
+        preempted, terminated = (bool(f) for f in all_reduce_no_grad(flags, "max"))
+        if not (preempted or terminated):
             return
         checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)]
         if not checkpoints:
             rank_zero_warn("preemption signal received but no LastCheckpoint callback: nothing saved")
         path = checkpoints[0].save_now(trainer) if checkpoints else None
         job = slurm_job_id()
+        if terminated:
+            rank_zero_info(f"ssl-lightning: SIGTERM at step {trainer.global_step}; saved {path}; stopping without "
+                           "requeue (resume with --ckpt_path last)")
+            trainer.should_stop = True
+            return
         rank_zero_info(f"ssl-lightning: preemption signal at step {trainer.global_step}; saved {path}")
         if self.requeue and job and trainer.is_global_zero:
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
