@@ -1,7 +1,9 @@
 """Tiny, fast configurations shared by the tests."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -45,6 +47,18 @@ def tiny_trainer(ckpt_dir, **kwargs) -> pl.Trainer:
                     enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
                     callbacks=[LastCheckpoint(dirpath=str(ckpt_dir))])
     return pl.Trainer(**{**defaults, **kwargs})
+
+
+class SignalAtStep(pl.Callback):
+    """Sends this process ``signum`` during step ``step``, as SLURM would, at an arbitrary moment
+    (SIGUSR1 ahead of the time limit; SIGTERM on scancel or a time limit without --signal)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGUSR1):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), self.signum)
 
 
 class StopAfterEpochs(pl.Callback):

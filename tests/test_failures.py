@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from helpers import StopAfterEpochs, tiny_data, tiny_trainer, tiny_vicreg
+from helpers import SignalAtStep, tiny_data, tiny_trainer, tiny_vicreg
 from ssl_lightning import checkpointing
 from ssl_lightning.callbacks import PreemptionHandler
 from ssl_lightning.checkpointing import (
@@ -23,7 +23,6 @@ from ssl_lightning.checkpointing import (
     atomic_torch_save,
     load_checkpoint,
     newest_valid_checkpoint,
-    record_path,
 )
 from ssl_lightning.cli import main
 
@@ -355,17 +354,6 @@ def test_nonfinite_weights_are_never_written(tmp_path):
     assert step_of(last) == 1
 
 
-class SigtermDuringStep(pl.Callback):
-    """Sends this process SIGTERM during step ``step``, as scancel or a time limit without --signal would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step - 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def test_sigterm_saves_at_the_end_of_the_step_and_stops(tmp_path):
     """Saves every 2 steps; SIGTERM during step 3: the step finishes, last.ckpt is step 3 and verifies,
     last-1.ckpt is step 2, no requeue, and Lightning ends the fit (SIGTERMException, a SystemExit)."""
@@ -373,7 +361,7 @@ def test_sigterm_saves_at_the_end_of_the_step_and_stops(tmp_path):
     data = tiny_data()
     model = tiny_vicreg(data)
     callbacks = [LastCheckpoint(str(tmp_path), every_n_train_steps=2, every_n_epochs=0), PreemptionHandler(),
-                 SigtermDuringStep(3)]
+                 SignalAtStep(3, signal.SIGTERM)]
     trainer = tiny_trainer(tmp_path, callbacks=callbacks)
     with pytest.raises(SystemExit):
         trainer.fit(model, data)

@@ -5,29 +5,16 @@ Bit-identical weights need the loader to restart at the next batch of the same e
 sample repeated or skipped), the step counter, the schedule, the optimizer and the RNG restored.
 (The SLURM requeue path is tested against a real cluster in test_slurm.py.)
 """
-import os
-import signal
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
-from helpers import tiny_data, tiny_trainer, tiny_vicreg
+from helpers import SignalAtStep, tiny_data, tiny_trainer, tiny_vicreg
 from ssl_lightning.callbacks import PreemptionHandler
 
 pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH = 4  # 128 samples / 32
-
-
-class SignalAtStep(pl.Callback):
-    """Sends this process SIGUSR1 during step ``step`` (as SLURM would, at an arbitrary moment)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step - 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 class SeenSamples(pl.Callback):
