@@ -316,6 +316,7 @@ def equal_states(a, b) -> bool:
         and all(torch.equal(a[1][i], b[1][i]) for i in a[1])
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skips_steps_then_stops(tmp_path):
     """on_nonfinite skip, at most 2 skips: NaN losses at steps 1 and 2 leave weights (probe and
     BatchNorm statistics aside: the forward pass still ran) and momentum buffers exactly as before
@@ -354,6 +355,7 @@ def test_nonfinite_weights_are_never_written(tmp_path):
     assert step_of(last) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_end_of_the_step_and_stops(tmp_path):
     """Saves every 2 steps; SIGTERM during step 3: the step finishes, last.ckpt is step 3 and verifies,
     last-1.ckpt is step 2, no requeue, and Lightning ends the fit (SIGTERMException, a SystemExit)."""
