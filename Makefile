@@ -35,7 +35,7 @@ test: install
 
 # The documentation site (docs/, mkdocs.yml) into site/; `make test` builds it with --strict too.
 docs: install
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf runs lightning_logs wandb .pytest_cache site
