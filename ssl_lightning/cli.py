@@ -20,6 +20,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from ssl_lightning.allocator import keep_freed_memory
 from ssl_lightning.callbacks import FitSummary, KNNMonitor, PreemptionHandler, SpectrumMonitor
 from ssl_lightning.checkpointing import LastCheckpoint
+from ssl_lightning.console import hide_unactionable_messages
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.methods import METHODS, SSLMethod
 from ssl_lightning.wandb_run import (
@@ -149,6 +150,7 @@ EVAL_COMMANDS = ("linear", "knn", "finetune")
 
 
 def main(args: list[str] | None = None) -> None:
+    hide_unactionable_messages()
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "submit":
         from ssl_lightning.slurm import main as submit_main
