@@ -3,27 +3,39 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+export PYTHON FASHION_MNIST_DIR DRY_RUN
 
-.PHONY: install demo test clean
+.PHONY: prereqs install demo test docs clean
+
+# Python with venv and the demo's data, installed with apt-get when missing (DRY_RUN=1: print only).
+prereqs:
+	@scripts/demo_prereqs.sh
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	@# setuptools warns on every editable install that a folder named like the package may shadow it:
+	@# that folder is this checkout, on purpose
+	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install --quiet -e ".[test,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 DEMO_RUN = runs/fashion_mnist-vicreg
 
-demo: install
-	@test -d /usr/share/datasets/fashion-mnist || { echo "Fashion-MNIST is missing: run 'apt-get install dataset-fashion-mnist' (31 MB)"; exit 1; }
-	$(PY) -m ssl_lightning fit --config experiments/fashion_mnist/vicreg.yaml --trainer.default_root_dir $(DEMO_RUN)
+demo: prereqs install
+	$(PY) -m ssl_lightning fit --config experiments/fashion_mnist/vicreg.yaml --trainer.default_root_dir $(DEMO_RUN) \
+	  --data.data_dir $(FASHION_MNIST_DIR)
 	$(PY) -m ssl_lightning linear --ckpt $(DEMO_RUN)/checkpoints/last.ckpt
 	@echo "raw-pixel baselines on the same files: logistic regression 84.5%, 5-NN 85.5%"
 
 test: install
 	$(PY) -m pytest -q tests
 
+# The documentation site (docs/, mkdocs.yml) into site/; `make test` builds it with --strict too.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf runs lightning_logs wandb .pytest_cache
+	rm -rf runs lightning_logs wandb .pytest_cache site

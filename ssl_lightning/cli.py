@@ -1,5 +1,6 @@
 """``ssl-lightning fit|validate --config experiments/<dataset>/<method>.yaml [--key value ...]``,
-``ssl-lightning linear|knn --ckpt <checkpoint>`` (offline evaluation, see ssl_lightning.eval.commands).
+``ssl-lightning linear|knn --ckpt <checkpoint>`` (offline evaluation, see ssl_lightning.eval.commands),
+``ssl-lightning export --ckpt <checkpoint> --out DIR`` (the backbone as safetensors, see ssl_lightning.export).
 
 Built on LightningCLI: every Trainer, model and data option is settable from YAML or the command
 line, ``--print_config`` shows the resolved config. ``model.class_path`` takes a registry name
@@ -21,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from ssl_lightning.allocator import keep_freed_memory
 from ssl_lightning.callbacks import FitSummary, KNNMonitor, PreemptionHandler, SpectrumMonitor
 from ssl_lightning.checkpointing import CheckpointError, LastCheckpoint
+from ssl_lightning.console import hide_unactionable_messages
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.methods import METHODS, SSLMethod
 from ssl_lightning.wandb_run import (
@@ -205,6 +207,7 @@ EVAL_COMMANDS = ("linear", "knn", "finetune")
 def main(args: list[str] | None = None) -> None:
     """Runs the command; a bad configuration value or an unusable checkpoint ends it with one line
     ``error: ...`` on stderr (exit status 2), not a traceback."""
+    hide_unactionable_messages()
     try:
         run_command(args)
     except (ConfigError, CheckpointError) as err:
@@ -224,6 +227,11 @@ def run_command(args: list[str] | None = None) -> None:
         from ssl_lightning.landscape import main as landscape_main
 
         landscape_main(argv[1:])
+        return
+    if argv and argv[0] == "export":
+        from ssl_lightning.export import main as export_main
+
+        export_main(argv[1:])
         return
     if argv and argv[0] in EVAL_COMMANDS:
         from ssl_lightning.eval.commands import main as eval_main

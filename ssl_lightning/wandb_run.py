@@ -9,6 +9,8 @@ import os
 import secrets
 from pathlib import Path
 
+from pytorch_lightning import loggers as pl_loggers
+
 RUN_ID_FILE = "wandb_run_id"
 # How a config may name the W&B logger (LightningCLI accepts the class name or either package path).
 WANDB_LOGGER_CLASSES = {
@@ -17,12 +19,22 @@ WANDB_LOGGER_CLASSES = {
     "pytorch_lightning.loggers.wandb.WandbLogger",
     "lightning.pytorch.loggers.WandbLogger",
     "lightning.pytorch.loggers.wandb.WandbLogger",
+    "ssl_lightning.wandb_run.WandbLogger",
 }
+
+
+class WandbLogger(pl_loggers.WandbLogger):
+    """Lightning's W&B logger without the ``anonymous`` setting, which Lightning always passes and
+    W&B >= 0.2x answers with a deprecation warning on every run, whatever its value."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)
 
 
 def default_logger_config(project: str = "ssl-lightning") -> dict:
     """The default Trainer logger: W&B, offline unless WANDB_MODE=online; never a default entity."""
-    return {"class_path": "pytorch_lightning.loggers.WandbLogger",
+    return {"class_path": "ssl_lightning.wandb_run.WandbLogger",
             "init_args": {"project": project, "offline": os.environ.get("WANDB_MODE", "offline") != "online",
                           "log_model": False}}
 
