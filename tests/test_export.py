@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import ssl_lightning
 from helpers import tiny_data, tiny_trainer, tiny_vicreg
 from ssl_lightning.cli import main
-from ssl_lightning.eval.features import load_checkpoint
+from ssl_lightning.eval.features import load_method
 from ssl_lightning.methods import BYOL
 
 
@@ -44,7 +44,7 @@ def test_export_loads_back_with_the_same_features(tmp_path, backbone, kwargs, st
     assert config["input_size"] == [3, 16, 16] and config["mean"] == [0.5, 0.5, 0.5], config
     assert config["global_step"] == 2 and config["feature_dim"] > 0
 
-    method, _ = load_checkpoint(ckpt)
+    method, _ = load_method(ckpt)
     images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = method(images)
@@ -62,7 +62,7 @@ def test_export_takes_the_ema_teacher_and_never_a_head(tmp_path):
     ckpt = fitted_checkpoint(tmp_path, byol=True)
     main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "export")])
     weights = load_file(str(tmp_path / "export" / "model.safetensors"))
-    method, _ = load_checkpoint(ckpt)
+    method, _ = load_method(ckpt)
     teacher, online = method.teacher["backbone"].state_dict(), method.backbone.state_dict()
     assert weights.keys() == teacher.keys() == online.keys()
     assert all(torch.equal(weights[k], teacher[k]) for k in weights)
@@ -74,12 +74,15 @@ def test_export_takes_the_ema_teacher_and_never_a_head(tmp_path):
     assert head_sizes - backbone_sizes, "the heads have shapes of their own, so a leak would show in the keys"
 
 
-def test_bad_inputs_get_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+def test_bad_inputs_get_clear_errors(tmp_path, capsys):
+    """A missing or foreign checkpoint ends the command with one line (exit 2), as every checkpoint load does."""
+    with pytest.raises(SystemExit) as exit_info:
         main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "missing.ckpt does not exist" in capsys.readouterr().err.splitlines()[-1]
     not_ours = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}}, not_ours)
-    with pytest.raises(ValueError, match="not written by `ssl-lightning fit`"):
+    with pytest.raises(SystemExit), pytest.warns(UserWarning, match="loading it unverified"):
         main(["export", "--ckpt", str(not_ours), "--out", str(tmp_path / "x")])
+    assert "not written by `ssl-lightning fit`" in capsys.readouterr().err.splitlines()[-1]
     with pytest.raises(FileNotFoundError, match="not a directory written by"):
         ssl_lightning.load_backbone(tmp_path)
