@@ -10,8 +10,10 @@ model's view of the data (classes, channels, image size, global batch).
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 
@@ -24,16 +26,19 @@ from ssl_lightning.callbacks import FitSummary, KNNMonitor, PreemptionHandler, S
 from ssl_lightning.checkpointing import CheckpointError, LastCheckpoint
 from ssl_lightning.console import hide_unactionable_messages
 from ssl_lightning.data.datamodule import SSLDataModule
+from ssl_lightning.distributed import peer_failure
 from ssl_lightning.methods import METHODS, SSLMethod
 from ssl_lightning.wandb_run import (
     WANDB_LOGGER_CLASSES,
     default_logger_config,
     define_dashboard,
+    finish_active_wandb_run,
     finish_wandb_run,
     run_id,
 )
 
 SUBCOMMANDS = ("fit", "validate")
+COLLECTIVE_TIMEOUT_S = 600  # NCCL's default; torch's gloo default (30 min) is long for a dead peer
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -150,6 +155,9 @@ class SSLCLI(LightningCLI):
         parser.add_lightning_class_args(SpectrumMonitor, "spectrum")
         parser.add_lightning_class_args(KNNMonitor, "knn")
         parser.add_lightning_class_args(PreemptionHandler, "preemption")
+        parser.add_argument("--collective_timeout_s", type=int, default=COLLECTIVE_TIMEOUT_S,
+                            help="with strategy ddp: a collective that waits longer for another process "
+                                 "(dead or hung) ends the run with an error instead of hanging")
         parser.link_arguments("data.batch_size", "model.init_args.batch_size")
         for source, target in (("num_classes", "num_classes"), ("channels", "in_chans"), ("image_size", "image_size")):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
@@ -171,6 +179,11 @@ class SSLCLI(LightningCLI):
                                   "that a checkpoint file cannot run code; drop --weights_only")
             config.weights_only = True
         trainer = config.trainer
+        if config.collective_timeout_s <= 0:
+            raise ConfigError(f"collective_timeout_s {config.collective_timeout_s} must be > 0 (seconds), e.g. 600")
+        if trainer.strategy == "ddp":  # Lightning's DDPStrategy with our timeout instead of torch's 30 minutes
+            trainer.strategy = {"class_path": "pytorch_lightning.strategies.DDPStrategy",
+                                "init_args": {"timeout": timedelta(seconds=config.collective_timeout_s)}}
         if not trainer.default_root_dir:
             method = str(config.model.class_path).rsplit(".", 1)[-1].lower()
             trainer.default_root_dir = str(Path("runs") / f"{config.data.dataset}-{method}")
@@ -211,9 +224,21 @@ def main(args: list[str] | None = None) -> None:
     try:
         run_command(args)
     except (ConfigError, CheckpointError) as err:
+        finish_active_wandb_run(exit_code=2)
         sys.stderr.flush()
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except Exception as err:
+        lost = peer_failure(err)
+        if lost is None:
+            raise
+        finish_active_wandb_run(exit_code=3)
+        sys.stderr.flush()
+        print(f"error: rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))} lost another process of "
+              f"this distributed run in a collective ({lost}); that process died or did not answer within "
+              "collective_timeout_s. The newest valid checkpoint is kept: resume with --ckpt_path last "
+              "(a job from `ssl-lightning submit` requeues itself)", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
 
 
 def run_command(args: list[str] | None = None) -> None:

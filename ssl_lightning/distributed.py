@@ -144,3 +144,24 @@ def batch_unshuffle(y: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Ten
         return y
     everything = gather_no_grad(y)
     return everything[unshuffle_index.view(world_size(), -1)[rank()]]
+
+
+# What torch's gloo and NCCL backends say when the process on the other side of a collective died
+# (connection reset/closed) or stopped answering (the process group's timeout expired).
+PEER_FAILURE_SIGNS: tuple[str, ...] = (
+    "Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting",
+    "timed out", "Timed out", "NCCL communicator was aborted", "Watchdog caught collective operation timeout",
+)
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """The first line of ``exc`` (or of an exception it was raised from) when it says that another process
+    of the distributed run died or stopped answering in a collective; None for any other error."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if isinstance(exc, (RuntimeError, dist.DistError)) and any(s in first for s in PEER_FAILURE_SIGNS):
+            return first
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from pytorch_lightning import loggers as pl_loggers
@@ -57,6 +58,14 @@ def finish_wandb_run(logger) -> None:
 
     if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:  # started
         logger.experiment.finish()
+
+
+def finish_active_wandb_run(exit_code: int) -> None:
+    """Close the W&B run of a command that is failing now, so that W&B's closing lines come before the
+    command's error line instead of after it (at interpreter exit)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def define_dashboard(logger) -> None:

@@ -53,11 +53,11 @@ class SignalAtStep(pl.Callback):
     """Sends this process ``signum`` during step ``step``, as SLURM would, at an arbitrary moment
     (SIGUSR1 ahead of the time limit; SIGTERM on scancel or a time limit without --signal)."""
 
-    def __init__(self, step: int, signum: int = signal.SIGUSR1):
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int = signal.SIGUSR1, rank: int | None = None):
+        self.step, self.signum, self.rank = step, signum, rank  # rank None: every rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step - 1:
+        if trainer.global_step == self.step - 1 and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
 
