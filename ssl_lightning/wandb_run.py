@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import warnings
 from pathlib import Path
 
 from pytorch_lightning import loggers as pl_loggers
@@ -25,12 +26,72 @@ WANDB_LOGGER_CLASSES = {
 
 
 class WandbLogger(pl_loggers.WandbLogger):
-    """Lightning's W&B logger without the ``anonymous`` setting, which Lightning always passes and
-    W&B >= 0.2x answers with a deprecation warning on every run, whatever its value."""
+    """Lightning's W&B logger that never stops training:
+
+    - when W&B stops accepting data (its service process died, its directory became read-only or full),
+      training goes on with one warning, and the rows that could not be logged are counted and
+      reported when the fit ends (``lost_report``);
+    - without the ``anonymous`` setting, which Lightning always passes and W&B >= 0.2x answers with a
+      deprecation warning on every run, whatever its value.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._wandb_init.pop("anonymous", None)
+        self.broken: str | None = None  # why W&B stopped accepting data, once it has
+        self.lost_rows, self.lost_keys, self.lost_from_step = 0, set(), None
+        self.service_dead = False
+
+    def _guarded(self, log, keys, step) -> None:
+        if self.broken is None:
+            try:
+                log()
+                return
+            except OSError as err:  # ConnectionResetError from a dead service, PermissionError, ENOSPC
+                self._stop_logging(err, step)
+        self.lost_rows += 1
+        self.lost_keys.update(keys)
+
+    def _stop_logging(self, err: BaseException, step) -> None:
+        self.broken, self.lost_from_step = f"{type(err).__name__}: {err}", step
+        warnings.warn(f"W&B stopped accepting data at step {step} ({self.broken}); training continues without "
+                      "logging, and what could not be logged is reported at the end. The checkpoints are not "
+                      "affected.", RuntimeWarning, stacklevel=3)
+        if isinstance(err, ConnectionError):  # the service is gone; a refused write leaves it usable
+            self.service_dead = True
+            _detach_dead_service()
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self._guarded(lambda: super(WandbLogger, self).log_metrics(metrics, step), metrics.keys(), step)
+
+    def log_hyperparams(self, params) -> None:
+        self._guarded(lambda: super(WandbLogger, self).log_hyperparams(params), ["config"], None)
+
+    def finish(self) -> None:
+        """Close the run (flush its files), unless its service died."""
+        if self._experiment is not None and not self.service_dead:
+            try:
+                self._experiment.finish()
+            except OSError as err:
+                if self.broken is None:
+                    self._stop_logging(err, "the end of the fit")
+
+    def lost_report(self) -> str | None:
+        """One line on what could not be logged, or None when everything was."""
+        if self.broken is None:
+            return None
+        return (f"W&B: {self.lost_rows} logging call(s) from step {self.lost_from_step} on were not logged "
+                f"({self.broken}); keys: {', '.join(sorted(self.lost_keys)) or 'none'}")
+
+
+def _detach_dead_service() -> None:
+    """Forget the W&B service connection, so that exiting does not try to talk to a dead process again."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 - it is dead already; nothing else to do
+        pass
 
 
 def default_logger_config(project: str = "ssl-lightning") -> dict:
@@ -53,10 +114,14 @@ def run_id(run_dir: str | os.PathLike, *, resume: bool, is_rank_zero: bool) -> s
 
 
 def finish_wandb_run(logger) -> None:
-    """Flush and close the W&B run a subcommand used, so its files are complete when it returns."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:  # started
+    """Flush and close the W&B run a subcommand used, so its files are complete when it returns; print
+    what could not be logged if W&B failed during the run."""
+    if isinstance(logger, WandbLogger):
+        logger.finish()
+        report = logger.lost_report()
+        if report:
+            print(report, flush=True)
+    elif isinstance(logger, pl_loggers.WandbLogger) and getattr(logger, "_experiment", None) is not None:
         logger.experiment.finish()
 
 

@@ -82,3 +82,20 @@ def offline_runs_of(wandb_dir: Path, run_id: str) -> list[Path]:
     pattern = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
     assert all(pattern.fullmatch(r.name) for r in runs), [r.name for r in runs]
     return runs
+
+
+class KillWandbServiceAtStep(pl.Callback):
+    """SIGKILLs this process's W&B service (its wandb-core child) at the start of step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import subprocess
+
+            children = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "wandb-core"],
+                                      capture_output=True, text=True).stdout.split()
+            assert children, "no W&B service process under this process"
+            for pid in children:
+                os.kill(int(pid), signal.SIGKILL)
