@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --device cpu                       # the demo config, real Fashion-MNIST
     python benchmarks/throughput.py --device cuda --config experiments/cifar10/vicreg.yaml --synthetic 50000
+    python benchmarks/throughput.py --imagefolder /tmp/ssl-jpegs           # JPEG folder pipelines, see below
 
 (a) model only: the step on views made once and already on the device (the upper bound);
 (b) end to end, batched: uint8 batches from the in-memory dataset -> device -> BatchedViews on the device
@@ -12,6 +13,10 @@ Each runs ``ssl-lightning fit`` machinery (the config's precision, channels_last
 validation, monitors, logging and checkpoints off, timed over steps ``--skip``..``--steps``. Prints
 images/s and the ratios b/a and b/c; then the pipelines alone: batched views/s on the device vs
 per-sample views/s with ``--workers`` workers. Run it on an otherwise idle machine.
+
+``--imagefolder DIR`` instead compares the image-folder pipelines (benchmarks/folder_pipeline.py): it
+writes ``--images`` synthetic JPEGs into DIR (once) and reports per-sample vs decode-time crops +
+BatchedViews (and GPU decoding on CUDA) images/s for the BYOL and DINO multi-crop recipes.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from torch.utils.data import DataLoader
 from ssl_lightning.cli import SSLCLI
 from ssl_lightning.data.datamodule import TransformedDataset
 from ssl_lightning.data.views import MultiViewTransform
+from folder_pipeline import report as report_folder, write_image_folder
 from timing import StepTimer, clock
 
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # our own flags are in sys.argv
@@ -123,7 +129,14 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=10, help="steps not timed (start-up, compile, warm-up)")
     p.add_argument("--pipeline_batches", type=int, default=10)
     p.add_argument("--pipelines_only", action="store_true", help="skip (a)-(c): only the augmentation rates")
+    p.add_argument("--imagefolder", type=Path, help="compare the JPEG-folder pipelines on a folder written here")
+    p.add_argument("--images", type=int, default=2000, help="JPEGs written for --imagefolder")
     args = p.parse_args()
+    if args.imagefolder:
+        root = write_image_folder(args.imagefolder, args.images)
+        report_folder(root, workers=args.workers, batch_size=args.batch_size or 64, batches=args.pipeline_batches,
+                      device=torch.device(args.device))
+        return
     if args.skip >= args.steps:
         p.error(f"--skip {args.skip} must be below --steps {args.steps}")
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"

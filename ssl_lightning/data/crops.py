@@ -1,0 +1,107 @@
+"""Decode-time crops for image files (``data.augment: device`` on ``imagefolder``).
+
+A DataLoader worker reads a file, decodes it (``decode``: DCT-reduced when every crop allows it) and
+cuts each view's random-resized crop, resized with antialiasing to the view size; it returns uint8
+crops, one (count, C, size, size) tensor per kind of view. Everything after the crop (flip, jitter,
+grayscale, blur, solarize, normalise) runs batched on the training device in BatchedViews.
+
+The crop boxes follow torchvision's RandomResizedCrop rule (``random_resized_crop_params``, the same
+function BatchedViews uses on in-memory data), drawn per sample from a generator seeded by
+(seed, epoch, index): the crops of a sample do not depend on the worker, the number of workers, the
+rank or world size, or on whether the epoch was resumed mid-way.
+
+Deviations from the per-sample pipeline: the crop is resized by PIL (antialiased bilinear, which
+torchvision's tensor resize was built to match) on the uint8 image, possibly DCT-reduced first
+(a reduction by s averages s x s blocks in the DCT domain before the antialiased resize).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ssl_lightning.data.batched_views import random_resized_crop_params
+from ssl_lightning.data.decode import UnreadableImage, decode, draft_reduction, open_image
+from ssl_lightning.data.views import ViewConfig
+
+Tensor = torch.Tensor
+ON_CORRUPT = ("error", "skip")
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch, index), well mixed (numpy's SeedSequence)."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def crop_boxes(width: int, height: int, configs: Sequence[ViewConfig], generator: torch.Generator) -> list[Tensor]:
+    """One (count, 4) int64 tensor of (top, left, height, width) boxes per view config, torchvision's rule."""
+    return [random_resized_crop_params(c.count, height, width, c.scale, c.ratio, generator) for c in configs]
+
+
+def cut_crops(image: Image.Image, channels: int, boxes: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[Tensor]:
+    """Decode ``image`` (header read) and cut its crops: boxes in full-size pixels -> [uint8 (count, C, s, s)].
+
+    The file is DCT-reduced by the largest power of two that keeps every crop a downscale.
+    """
+    width, height = image.size
+    min_ratio = min(float(b[:, 2:].min()) / size for b, size in zip(boxes, sizes))
+    decoded = decode(image, channels, draft_reduction(image, min_ratio))
+    sx, sy = decoded.size[0] / width, decoded.size[1] / height
+    crops = []
+    for kind_boxes, size in zip(boxes, sizes):
+        out = np.empty((len(kind_boxes), size, size, channels), dtype=np.uint8)
+        for view, (top, left, h, w) in zip(out, kind_boxes.tolist()):
+            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            view[...] = np.asarray(decoded.resize((size, size), Image.Resampling.BILINEAR, box=box)).reshape(view.shape)
+        crops.append(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous())
+    return crops
+
+
+class CroppedViewsDataset(Dataset):
+    """Image files -> (crops, label, skipped) per (epoch, index) key (``ResumableSampler(keyed=True)``).
+
+    crops: [uint8 (count, C, size, size)] per view config; skipped: the path of an unreadable file this
+    sample replaced ("" when none). With ``on_corrupt="skip"`` an unreadable file is replaced by the
+    next readable one in index order (wrapping), its crops drawn with the original key's generator,
+    so batch shapes, determinism and exact resume are kept; with "error" it raises, naming the file.
+    """
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], configs: Sequence[ViewConfig], channels: int,
+                 *, seed: int = 0, on_corrupt: str = "error"):
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"data.on_corrupt {on_corrupt!r} is not one of {ON_CORRUPT}")
+        if len(files) != len(labels) or not files:
+            raise ValueError(f"need one label per file and at least one file, got {len(files)} files, "
+                             f"{len(labels)} labels")
+        self.files, self.labels = [Path(f) for f in files], list(labels)
+        self.configs, self.channels, self.seed, self.on_corrupt = list(configs), channels, seed, on_corrupt
+        self.sizes = [c.size for c in self.configs]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def crops_of(self, index: int, generator: torch.Generator) -> list[Tensor]:
+        image = open_image(self.files[index])
+        with image:
+            width, height = image.size
+            return cut_crops(image, self.channels, crop_boxes(width, height, self.configs, generator), self.sizes)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[Tensor], int, str]:
+        epoch, index = key
+        skipped = ""
+        for attempt in range(len(self.files)):
+            candidate = (index + attempt) % len(self.files)
+            try:
+                # the same generator state for every attempt: a replacement does not shift other draws
+                return self.crops_of(candidate, sample_generator(self.seed, epoch, index)), \
+                    self.labels[candidate], skipped
+            except UnreadableImage:
+                if self.on_corrupt == "error":
+                    raise
+                skipped = skipped or str(self.files[index])
+        raise UnreadableImage(f"no file of {len(self.files)} under {self.files[0].parent} could be decoded")

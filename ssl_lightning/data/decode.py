@@ -1,0 +1,72 @@
+"""The one place image files are decoded: PIL, with JPEG DCT-scaled (draft) decoding when it is safe.
+
+A JPEG can be decoded at 1/2, 1/4 or 1/8 of its size for little more than the cost of reading it
+(libjpeg scales in the DCT domain). ``open_image`` reads only the header, so the crop boxes can be
+drawn first; ``decode`` then asks for the largest reduction that still leaves every crop at least as
+many pixels as its output (so every crop is still a downscale, never an upscale of a reduced image).
+Grayscale, CMYK, palette and alpha images become the dataset's channels (``convert``: RGB or L;
+alpha is dropped, as ``ImageFolderDataset`` and torchvision's loaders do).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+# Larger decoded images are refused (or skipped): a 12,000 x 9,000 PNG would take 324 MB per worker.
+# JPEGs that large pass, because draft decoding reduces them first.
+MAX_DECODED_PIXELS = 64 * 2**20
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class UnreadableImage(ValueError):
+    """A file that is not a decodable image (truncated, corrupt, not an image, or too large)."""
+
+
+def open_image(path: Path | str) -> Image.Image:
+    """The image with only its header read (size and mode known, pixels not decoded yet)."""
+    try:
+        with warnings.catch_warnings():  # the size guard below replaces PIL's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except DECODE_ERRORS as err:
+        raise UnreadableImage(f"cannot decode image {path}: {err}; delete or replace the file, "
+                              "or set data.on_corrupt: skip") from err
+
+
+def draft_reduction(image: Image.Image, min_side_ratio: float) -> int:
+    """1, 2, 4 or 8: the JPEG DCT scale that keeps every crop a downscale.
+
+    ``min_side_ratio`` is the smallest (crop side / output side) over every crop that will be cut
+    from this image; the reduction is the largest power of two not above it (1 for non-JPEG files).
+    """
+    if image.format != "JPEG":
+        return 1
+    return next((s for s in (8, 4, 2) if min_side_ratio >= s), 1)
+
+
+def decode(image: Image.Image, channels: int, reduction: int = 1) -> Image.Image:
+    """Decode an ``open_image`` result, ``reduction`` times smaller per side (JPEG only), to RGB or L.
+
+    The returned image may be up to ``reduction`` times smaller than ``image.size`` (rounded up).
+    Raises UnreadableImage naming the file for truncated or corrupt data and for images above
+    MAX_DECODED_PIXELS after the reduction.
+    """
+    path = getattr(image, "filename", "<bytes>")
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        if reduction > 1:
+            width, height = image.size
+            image.draft(mode, ((width + reduction - 1) // reduction, (height + reduction - 1) // reduction))
+        if image.size[0] * image.size[1] > MAX_DECODED_PIXELS:
+            raise UnreadableImage(
+                f"image {path} is {image.size[0]} x {image.size[1]} px, more than the {MAX_DECODED_PIXELS:,} "
+                "pixels decoded at once; downscale the file (or store it as JPEG, which is decoded reduced)")
+        image.load()
+        return image if image.mode == mode else image.convert(mode)
+    except UnreadableImage:
+        raise
+    except DECODE_ERRORS as err:
+        raise UnreadableImage(f"cannot decode image {path}: {err}; delete or replace the file, "
+                              "or set data.on_corrupt: skip") from err
