@@ -16,6 +16,7 @@ torchvision's tensor resize was built to match) on the uint8 image, possibly DCT
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,14 +51,22 @@ def cut_crops(image: Image.Image, channels: int, boxes: Sequence[torch.Tensor], 
     """
     width, height = image.size
     min_ratio = min(float(b[:, 2:].min()) / size for b, size in zip(boxes, sizes))
-    decoded = decode(image, channels, draft_reduction(image, min_ratio))
-    sx, sy = decoded.size[0] / width, decoded.size[1] / height
+    reduction = draft_reduction(image, min_ratio)
+    decoded = decode(image, channels, reduction)
+    # decoded pixel i holds source pixels [r * i, r * (i + 1)): boxes scale by exactly 1 / r
+    sx = sy = 1 / reduction if decoded.size != (width, height) else 1.0
     crops = []
     for kind_boxes, size in zip(boxes, sizes):
         out = np.empty((len(kind_boxes), size, size, channels), dtype=np.uint8)
         for view, (top, left, h, w) in zip(out, kind_boxes.tolist()):
-            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            view[...] = np.asarray(decoded.resize((size, size), Image.Resampling.BILINEAR, box=box)).reshape(view.shape)
+            # crop to the whole pixels the box touches first: PIL's resize(box=...) alone would filter in
+            # pixels outside the box at its edges, where torchvision's crop-then-resize sees none
+            x0, y0 = left * sx, top * sy
+            x1, y1 = min((left + w) * sx, decoded.size[0]), min((top + h) * sy, decoded.size[1])
+            hull = (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))
+            box = (x0 - hull[0], y0 - hull[1], x1 - hull[0], y1 - hull[1])
+            resized = decoded.crop(hull).resize((size, size), Image.Resampling.BILINEAR, box=box)
+            view[...] = np.asarray(resized).reshape(view.shape)
         crops.append(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous())
     return crops
 
