@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import ssl_lightning.data.decode as decode_module
 from helpers import tiny_trainer, tiny_vicreg
-from ssl_lightning.data.crops import CroppedViewsDataset, crop_boxes, cut_crops, sample_generator
+from ssl_lightning.data.crops import collate_encoded, crop_boxes, crops_on_device, cut_crops, sample_generator
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.data.decode import UnreadableImage, decode, draft_reduction, open_image
 from ssl_lightning.data.resumable import ResumableSampler
@@ -279,3 +279,37 @@ def test_preemption_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert resumed_steps.steps == [7, 8], "only the rest of the interrupted epoch runs"
     a, b = straight.state_dict(), resumed.state_dict()
     assert not [k for k in a if not torch.equal(a[k], b[k])], "weights differ after preemption + resume"
+
+
+def test_decode_on_the_device_cuts_the_same_crops(tmp_path):
+    """data.decode: device (nvJPEG on CUDA; here the CPU decoder, the same code): JPEG bytes go to the
+    device, which cuts the same boxes; a PNG and a CMYK JPEG in the batch are still cut in the worker.
+    The crops agree with the worker's within 1 uint8 level (no DCT reduction at these crop sizes)."""
+    write_folder(tmp_path, per_class=3)
+    Image.fromarray(textured(np.random.default_rng(1), 50, 60)).save(tmp_path / "train" / "a" / "png.png")
+    Image.fromarray(textured(np.random.default_rng(2), 50, 60)).convert("CMYK").save(tmp_path / "train" / "b" / "k.jpg")
+    crops = {}
+    for place in ("workers", "device"):
+        data = device_data(tmp_path, decode=place, batch_size=8)
+        data.setup("fit")
+        batch, labels, _ = next(iter(data.train_dataloader()))
+        if place == "device":
+            assert 0 < len(batch["jpeg"]) < 8, "JPEGs as bytes, the PNG or CMYK file cut in the worker"
+            batch = crops_on_device(batch, data.views, 3, torch.device("cpu"))
+        crops[place] = batch
+    for ours, worker in zip(crops["device"], crops["workers"]):
+        assert ours.shape == worker.shape and (ours.int() - worker.int()).abs().max() <= 1
+
+
+def test_decode_on_the_device_names_a_truncated_jpeg(tmp_path):
+    write_folder(tmp_path, per_class=2)
+    good = tmp_path / "train" / "a" / "0.jpg"
+    good.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])  # the header survives, half the data does not
+    data = device_data(tmp_path, decode="device", batch_size=4)
+    data.setup("fit")
+    batch, _, _ = next(iter(DataLoader(data.train_set, batch_size=4, collate_fn=collate_encoded,
+                                       sampler=[(0, i) for i in range(4)])))
+    with pytest.raises(UnreadableImage, match=r"a/0\.jpg\); use data\.decode: workers"):
+        crops_on_device(batch, data.views, 3, torch.device("cpu"))
+    with pytest.raises(ValueError, match="decode: device needs image files read with augment: device"):
+        SSLDataModule(dataset="synthetic", decode="device")

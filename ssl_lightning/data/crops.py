@@ -10,6 +10,11 @@ function BatchedViews uses on in-memory data), drawn per sample from a generator
 (seed, epoch, index): the crops of a sample do not depend on the worker, the number of workers, the
 rank or world size, or on whether the epoch was resumed mid-way.
 
+With ``decode="device"`` (``data.decode: device``) a worker returns a JPEG's raw bytes and its boxes
+instead, and ``crops_on_device`` decodes the batch on the training device (``decode.decode_jpegs``,
+nvJPEG on CUDA) and cuts the same boxes there with BatchedViews' ``crop_resize_flip``; other files
+(PNG, CMYK JPEGs, ...) are still decoded and cropped in the worker.
+
 Deviations from the per-sample pipeline: the crop is resized by PIL (antialiased bilinear, which
 torchvision's tensor resize was built to match) on the uint8 image, possibly DCT-reduced first
 (a reduction by s averages s x s blocks in the DCT domain before the antialiased resize).
@@ -25,12 +30,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl_lightning.data.batched_views import random_resized_crop_params
-from ssl_lightning.data.decode import UnreadableImage, decode, draft_reduction, open_image
+from ssl_lightning.data.batched_views import crop_resize_flip, random_resized_crop_params
+from ssl_lightning.data.decode import UnreadableImage, decode, decode_jpegs, draft_reduction, open_image
 from ssl_lightning.data.views import ViewConfig
 
 Tensor = torch.Tensor
 ON_CORRUPT = ("error", "skip")
+DECODE_PLACES = ("workers", "device")
+Encoded = tuple[bytes, list[Tensor], str]  # a JPEG file's bytes, its crop boxes and its path
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -81,9 +88,12 @@ class CroppedViewsDataset(Dataset):
     """
 
     def __init__(self, files: Sequence[Path], labels: Sequence[int], configs: Sequence[ViewConfig], channels: int,
-                 *, seed: int = 0, on_corrupt: str = "error"):
+                 *, seed: int = 0, on_corrupt: str = "error", decode: str = "workers"):
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"data.on_corrupt {on_corrupt!r} is not one of {ON_CORRUPT}")
+        if decode not in DECODE_PLACES:
+            raise ValueError(f"data.decode {decode!r} is not one of {DECODE_PLACES}")
+        self.decode = decode
         if len(files) != len(labels) or not files:
             raise ValueError(f"need one label per file and at least one file, got {len(files)} files, "
                              f"{len(labels)} labels")
@@ -94,13 +104,16 @@ class CroppedViewsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def crops_of(self, index: int, generator: torch.Generator) -> list[Tensor]:
+    def crops_of(self, index: int, generator: torch.Generator) -> list[Tensor] | Encoded:
+        """The crops of file ``index``, or (decode="device", a JPEG in RGB or L) its bytes and boxes."""
         image = open_image(self.files[index])
         with image:
-            width, height = image.size
-            return cut_crops(image, self.channels, crop_boxes(width, height, self.configs, generator), self.sizes)
+            boxes = crop_boxes(*image.size, self.configs, generator)
+            if self.decode == "device" and image.format == "JPEG" and image.mode in ("RGB", "L"):
+                return self.files[index].read_bytes(), boxes, str(self.files[index])
+            return cut_crops(image, self.channels, boxes, self.sizes)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[Tensor], int, str]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[Tensor] | Encoded, int, str]:
         epoch, index = key
         skipped = ""
         for attempt in range(len(self.files)):
@@ -114,3 +127,54 @@ class CroppedViewsDataset(Dataset):
                     raise
                 skipped = skipped or str(self.files[index])
         raise UnreadableImage(f"no file of {len(self.files)} under {self.files[0].parent} could be decoded")
+
+
+def collate_encoded(items: list[tuple[list[Tensor] | Encoded, int, str]]) -> tuple[dict, Tensor, list[str]]:
+    """Worker items of a decode="device" dataset -> (encoded batch, labels (N,), skipped paths).
+
+    The encoded batch holds the JPEG bytes as Python bytes (so moving the batch to the device leaves
+    them on the host, where the decoder reads them) with their boxes (N_jpeg, count, 4) per view
+    config, and the crops the workers already cut (N_cut, count, C, size, size), with their indices.
+    """
+    payloads, labels, skipped = zip(*items)
+    jpeg = [i for i, p in enumerate(payloads) if isinstance(p, tuple)]
+    cut = [i for i, p in enumerate(payloads) if not isinstance(p, tuple)]
+    kinds = len(payloads[0][1] if isinstance(payloads[0], tuple) else payloads[0])
+    batch = {"size": len(payloads), "jpeg": [payloads[i][0] for i in jpeg], "jpeg_files": [payloads[i][2] for i in jpeg],
+             "jpeg_index": torch.tensor(jpeg, dtype=torch.long), "cut_index": torch.tensor(cut, dtype=torch.long),
+             "jpeg_boxes": [torch.stack([payloads[i][1][k] for i in jpeg]) if jpeg else None for k in range(kinds)],
+             "cut": [torch.stack([payloads[i][k] for i in cut]) if cut else None for k in range(kinds)]}
+    return batch, torch.tensor(labels), list(skipped)
+
+
+def crops_on_device(batch: dict, configs: Sequence[ViewConfig], channels: int, device: torch.device) -> list[Tensor]:
+    """A ``collate_encoded`` batch -> [uint8 (N, count, C, size, size)] per view config, on ``device``.
+
+    The JPEGs are decoded together on the device, zero-padded to the largest one (the resampling
+    weights outside a box are zero, so padding never enters a crop) and every box is cut with
+    ``crop_resize_flip`` (antialiased, torchvision's resized_crop), rounded to uint8 like the worker's.
+    """
+    out = [torch.empty(batch["size"], c.count, channels, c.size, c.size, dtype=torch.uint8, device=device)
+           for c in configs]
+    if len(batch["cut_index"]):
+        for crops, cut in zip(out, batch["cut"]):
+            crops[batch["cut_index"].to(device)] = cut.to(device)
+    if not batch["jpeg"]:
+        return out
+    try:
+        images = decode_jpegs(batch["jpeg"], channels, device)
+    except UnreadableImage as err:
+        raise UnreadableImage(f"{err} ({batch['jpeg_files'][err.index]}); use data.decode: workers, which can also skip such files "
+                              "(data.on_corrupt: skip)") from err
+    height, width = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+    padded = torch.zeros(len(images), height, channels, width, device=device)  # crop_resize_flip's layout
+    for target, image in zip(padded, images):
+        target[:image.shape[1], :, :image.shape[2]] = image.transpose(0, 1)
+    padded = padded.transpose(1, 2)  # (m, C, H, W) view
+    index = batch["jpeg_index"].to(device)
+    for crops, boxes, cfg in zip(out, batch["jpeg_boxes"], configs):
+        boxes = boxes.to(device)
+        for j in range(cfg.count):
+            view = crop_resize_flip(padded, boxes[:, j], None, cfg.size).round_().clamp_(0, 255)
+            crops[index, j] = view.to(torch.uint8)
+    return out

@@ -9,7 +9,8 @@ mid-epoch exactly (ssl_lightning.data.resumable).
 any dataset) or "device" (uint8 batches go to the training device and BatchedViews augments
 them there with per-sample random parameters). For image files (``imagefolder``) "device" cuts the
 random-resized crops at decode time in the workers (ssl_lightning.data.crops) and BatchedViews does
-the rest; ``on_corrupt: skip`` then replaces unreadable files instead of failing.
+the rest; ``on_corrupt: skip`` then replaces unreadable files instead of failing, and
+``decode: device`` has the workers send JPEG bytes that are decoded and cropped on the device.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_lightning.data.batched_views import BatchedViews
-from ssl_lightning.data.crops import ON_CORRUPT, CroppedViewsDataset
+from ssl_lightning.data.crops import DECODE_PLACES, ON_CORRUPT, CroppedViewsDataset, collate_encoded, crops_on_device
 from ssl_lightning.data.resumable import ResumableSampler
 from ssl_lightning.data.datasets import TensorImageDataset, dataset_info, find_data_dir, load_dataset
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, as_view_configs, build_eval_transform
@@ -85,6 +86,7 @@ class SSLDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         augment: str = "workers",
         on_corrupt: str = "error",
+        decode: str = "workers",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -97,6 +99,11 @@ class SSLDataModule(pl.LightningDataModule):
                              f"use augment: workers for {dataset}")
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt {on_corrupt!r} is not one of {ON_CORRUPT}")
+        if decode not in DECODE_PLACES:
+            raise ValueError(f"decode {decode!r} is not one of {DECODE_PLACES}")
+        if decode == "device" and not (augment == "device" and dataset in FILE_DATASETS):
+            raise ValueError(f"decode: device needs image files read with augment: device (got dataset {dataset}, "
+                             f"augment {augment}); set data.augment: device or decode: workers")
         if on_corrupt == "skip" and not (augment == "device" and dataset in FILE_DATASETS):
             raise ValueError(f"on_corrupt: skip needs image files read with augment: device (got dataset "
                              f"{dataset}, augment {augment}); set data.augment: device or on_corrupt: error")
@@ -154,7 +161,7 @@ class SSLDataModule(pl.LightningDataModule):
                 if hp.dataset in FILE_DATASETS:  # crops cut at decode time, in the workers
                     self.train_set = CroppedViewsDataset(base.files, base.labels, self.views, info.channels,
                                                          seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
-                                                         on_corrupt=hp.on_corrupt)
+                                                         on_corrupt=hp.on_corrupt, decode=hp.decode)
             else:
                 self.train_set = TransformedDataset(base, MultiViewTransform(self.views, info.mean, info.std))
         if stage in ("fit", "validate") and self.val_set is None and info.num_classes > 0:
@@ -172,6 +179,8 @@ class SSLDataModule(pl.LightningDataModule):
             images, labels, *skipped = batch
             if skipped:
                 self._count_skipped(skipped[0], trainer.current_epoch)
+            if isinstance(images, dict):  # decode: device
+                images = crops_on_device(images, self.views, self.info.channels, labels.device)
             return self.device_views(images), labels
         return batch
 
@@ -229,7 +238,9 @@ class SSLDataModule(pl.LightningDataModule):
             self._resume_state = None
         # its own generator: creating an iterator must not draw from the global RNG, whose state the
         # checkpoint restores (a resumed run creates its iterator at a different moment)
-        return DataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **common)
+        collate = collate_encoded if isinstance(dataset, CroppedViewsDataset) and dataset.decode == "device" else None
+        return DataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), collate_fn=collate,
+                          **common)
 
     def state_dict(self) -> dict[str, int]:
         """Saved in every checkpoint: the epoch and how many of its batches were trained on. (Lightning

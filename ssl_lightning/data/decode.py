@@ -6,12 +6,16 @@ drawn first; ``decode`` then asks for the largest reduction that still leaves ev
 pixels a side as its output (so every crop is still a downscale by 2 or more after the reduction).
 Grayscale, CMYK, palette and alpha images become the dataset's channels (``convert``: RGB or L;
 alpha is dropped, as ``ImageFolderDataset`` and torchvision's loaders do).
+
+``decode_jpegs`` decodes a batch of raw JPEG files on the training device instead (``data.decode:
+device``: nvJPEG on CUDA, libjpeg-turbo on a CPU), for when the workers are the bottleneck.
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 # Larger decoded images are refused (or skipped): a 12,000 x 9,000 PNG would take 324 MB per worker.
@@ -74,3 +78,26 @@ def decode(image: Image.Image, channels: int, reduction: int = 1) -> Image.Image
     except DECODE_ERRORS as err:
         raise UnreadableImage(f"cannot decode image {path}: {err}; delete or replace the file, "
                               "or set data.on_corrupt: skip") from err
+
+
+def decode_jpegs(data: list[bytes], channels: int, device: torch.device | str) -> list[torch.Tensor]:
+    """Raw JPEG files -> [uint8 (channels, H, W)] decoded on ``device`` (one batched nvJPEG call on CUDA).
+
+    On failure every file is decoded alone, so the error names the first bad one (its index in
+    ``data``, as ``UnreadableImage.index``).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415 (imports torchvision's ops)
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    try:
+        return list(decode_jpeg(tensors, mode=mode, device=device))
+    except RuntimeError:
+        for index, tensor in enumerate(tensors):
+            try:
+                decode_jpeg(tensor, mode=mode, device=device)
+            except RuntimeError as err:
+                error = UnreadableImage(f"cannot decode JPEG {index} of the batch on {device}: {err}")
+                error.index = index
+                raise error from err
+        raise
