@@ -7,7 +7,9 @@ of DataLoader workers and the same batch size, times training batches made ready
 * per-sample: ``data.augment: workers`` (every op of every view per image in the workers);
 * device: ``data.augment: device`` (the workers decode and cut the crops, BatchedViews on the device
   does the rest), through SSLDataModule itself;
-* gpu-decode (CUDA only): ``data.decode: gpu`` (the workers read the bytes, the GPU decodes and crops).
+* GPU decode (CUDA only): ``data.decode: device`` (the workers read the bytes, the GPU decodes and crops).
+
+It first prints the per-image decoder costs on one core that decide which decoder runs when.
 
 Recipes: (a) BYOL, 2 x 224 px, views of experiments/imagenet100/byol.yaml; (b) DINO multi-crop,
 2 x 224 px (scale 0.4-1) + 6 x 96 px (scale 0.05-0.4, blur p 0.5), the paper's recipe.
@@ -22,7 +24,10 @@ import torch
 import yaml
 from PIL import Image
 
+from ssl_lightning.data.batched_views import gaussian_blur_
+from ssl_lightning.data.crops import crop_boxes, crops_on_device, cut_crops, min_side_ratio, sample_generator
 from ssl_lightning.data.datamodule import SSLDataModule
+from ssl_lightning.data.decode import decode as decode_image, decode_jpegs, open_image
 from ssl_lightning.data.views import ViewConfig
 from timing import clock
 
@@ -68,10 +73,10 @@ def write_image_folder(root: Path, count: int, seed: int = 0) -> Path:
 
 
 def images_per_second(root: Path, views: list[ViewConfig], augment: str, *, workers: int, batch_size: int,
-                      batches: int, device: torch.device, decode: str = "cpu") -> float:
+                      batches: int, device: torch.device, decode: str = "workers") -> float:
     """Training batches of ``batch_size`` images made ready on ``device`` per second (views included)."""
     data = SSLDataModule(dataset="imagefolder", data_dir=str(root), batch_size=batch_size, num_workers=workers,
-                         views=views, augment=augment, labelled=False, **({"decode": decode} if decode != "cpu" else {}))
+                         views=views, augment=augment, labelled=False, decode=decode)
     data.setup("fit")
     iterator = iter(data.train_dataloader())
 
@@ -79,8 +84,9 @@ def images_per_second(root: Path, views: list[ViewConfig], augment: str, *, work
         batch = next(iterator)
         if augment == "device":
             images = batch[0]
-            on_device = images.to(device) if isinstance(images, torch.Tensor) else [t.to(device) for t in images]
-            data.device_views(on_device)
+            if isinstance(images, dict):  # decode: device
+                images = crops_on_device(images, data.views, data.channels, device)
+            data.device_views([t.to(device, non_blocking=True) for t in images])
 
     for _ in range(2 * workers + 1):  # untimed: worker start-up and the batches they prefetch meanwhile
         next_views()
@@ -99,9 +105,12 @@ def report(root: Path, *, workers: int, batch_size: int, batches: int, device: t
     """
     if device.type == "cpu":
         torch.set_num_threads(1)
-    modes = [("per-sample (augment: workers)", "workers", "cpu"), ("decode-time crops + batched (device)", "device", "cpu")]
+    modes = [("per-sample (augment: workers)", "workers", "workers"),
+             ("decode-time crops + batched (device)", "device", "workers")]
     if device.type == "cuda":
-        modes.append(("GPU decode (decode: gpu)", "device", "gpu"))
+        modes.append(("GPU decode (decode: device)", "device", "device"))
+    decoder_costs(sorted((root / "train").glob("*/*.jpg"))[:100])
+    crop_deviation(sorted((root / "train").glob("*/*.jpg"))[:50])
     print(f"{root}: {len(list((root / 'train').glob('*/*.jpg')))} JPEGs, {workers} workers, batch {batch_size}, "
           f"{batches} timed batches, {time.strftime('%Y-%m-%d %H:%M')}")
     for name, views in recipes().items():
@@ -109,3 +118,71 @@ def report(root: Path, *, workers: int, batch_size: int, batches: int, device: t
                                    device=device, decode=decode) for _, augment, decode in modes]
         cells = "   ".join(f"{label} {rate:7.1f} img/s" for (label, _, _), rate in zip(modes, rates))
         print(f"{name}: {cells}   ratio {rates[1] / rates[0]:.2f}x")
+
+
+def _ms_per_call(fn, items) -> float:
+    fn(items[0])
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    return (time.perf_counter() - start) / len(items) * 1e3
+
+
+def decoder_costs(files: list[Path]) -> None:
+    """ms per image on one thread: the decoders, one 224 px crop, and the blur (conv vs banded matmuls)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data = [f.read_bytes() for f in files]
+
+    def pil(reduction: int):
+        return lambda path: decode_image(open_image(path), 3, reduction)
+
+    costs = {"PIL full": _ms_per_call(pil(1), files), "PIL draft 1/2": _ms_per_call(pil(2), files),
+             "PIL draft 1/4": _ms_per_call(pil(4), files),
+             "torchvision decode_jpeg": _ms_per_call(lambda d: decode_jpegs([d], 3, "cpu"), data),
+             "PIL crop + resize to 224": _ms_per_call(
+                 lambda image: image.crop((10, 10, 260, 250)).resize((224, 224), Image.Resampling.BILINEAR),
+                 [decode_image(open_image(f), 3) for f in files[:20]])}
+    views, sigma = torch.rand(32, 3, 224, 224), torch.rand(32) * 1.9 + 0.1
+    costs["blur 23 px, banded matmuls (per view)"] = _ms_per_call(
+        lambda x: gaussian_blur_(x.clone(), sigma, 23), [views] * 3) / len(views)
+    costs["blur 23 px, depthwise conv2d (per view)"] = _ms_per_call(
+        lambda x: _conv_blur(x, sigma, 23), [views] * 3) / len(views)
+    torch.set_num_threads(threads)
+    print("one thread, ms per image: " + ", ".join(f"{name} {ms:.2f}" for name, ms in costs.items()))
+
+
+def crop_deviation(files: list[Path], size: int = 64) -> None:
+    """Mean and max |crop - torchvision crop of the full decode| in uint8 levels, for ``size`` px views
+    (scale 0.08-1): with the DCT-reduction rule (every crop still >= 2x downscaled after it) and with
+    reducing as soon as the crops are ``s`` times the output (no margin)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    cfg = [ViewConfig(size=size, count=4)]
+    errors: dict[str, list[torch.Tensor]] = {"rule (margin 2)": [], "no margin": []}
+    for i, path in enumerate(files):
+        full = torch.from_numpy(np.array(decode_image(open_image(path), 3))).permute(2, 0, 1)
+        with open_image(path) as header:
+            boxes = crop_boxes(*header.size, cfg, sample_generator(0, 0, i))
+        ratio = min_side_ratio(boxes, [size])
+        no_margin = next((s for s in (8, 4, 2) if ratio >= s), 1)
+        for name, reduction in (("rule (margin 2)", None), ("no margin", no_margin)):
+            with open_image(path) as image:
+                crops = cut_crops(image, 3, boxes, [size], reduction)[0]
+            reference = torch.stack([TF.resized_crop(full, *box, [size, size], antialias=True)
+                                     for box in boxes[0].tolist()])
+            errors[name].append((crops.int() - reference.int()).abs().float().flatten())
+    print(f"{size} px crops vs torchvision on the full decode ({len(files)} files): " + ", ".join(
+        f"{name} mean {torch.cat(e).mean():.3f} max {torch.cat(e).max():.0f} levels" for name, e in errors.items()))
+
+
+def _conv_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The previous separable blur (depthwise conv2d, one group per sample and channel), for comparison."""
+    n, channels, height, width = x.shape
+    half = kernel_size // 2
+    offsets = torch.arange(kernel_size, dtype=torch.float32) - half
+    taps = torch.softmax(-(offsets / sigma[:, None]) ** 2 / 2, dim=1).repeat_interleave(channels, dim=0)
+    taps = taps.view(n * channels, 1, 1, kernel_size)
+    padded = torch.nn.functional.pad(x, (half,) * 4, mode="reflect").reshape(1, n * channels, height + 2 * half, -1)
+    out = torch.nn.functional.conv2d(padded, taps, groups=n * channels)
+    return torch.nn.functional.conv2d(out, taps.transpose(2, 3), groups=n * channels).view(n, channels, height, width)

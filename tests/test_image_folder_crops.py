@@ -20,7 +20,8 @@ from torchvision.transforms.v2 import functional as TF
 
 import ssl_lightning.data.decode as decode_module
 from helpers import tiny_trainer, tiny_vicreg
-from ssl_lightning.data.crops import collate_encoded, crop_boxes, crops_on_device, cut_crops, sample_generator
+from ssl_lightning.data.crops import (collate_encoded, crop_boxes, crops_on_device, cut_crops, min_side_ratio,
+                                     sample_generator)
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.data.decode import UnreadableImage, decode, draft_reduction, open_image
 from ssl_lightning.data.resumable import ResumableSampler
@@ -91,7 +92,7 @@ def test_crops_match_torchvision_crop_then_resize(tmp_path, suffix, sides, size,
         full = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
         with open_image(path) as image:
             boxes = crop_boxes(*image.size, cfg, sample_generator(0, 0, i))
-            reduction = draft_reduction(image, float(boxes[0][:, 2:].min()) / size)
+            reduction = draft_reduction(image, min_side_ratio(boxes, [size]))
             assert reduction == 1 if suffix == "png" else reduction >= 2
             crops = cut_crops(image, 3, boxes, [size])[0]
         for crop, box in zip(crops, boxes[0].tolist()):
@@ -177,7 +178,7 @@ def test_very_large_jpeg_is_decoded_reduced(tmp_path):
     cfg = [ViewConfig(size=224, count=2, scale=(0.08, 1.0))]
     with open_image(path) as image:
         boxes = crop_boxes(*image.size, cfg, sample_generator(0, 0, 0))
-        reduction = draft_reduction(image, float(boxes[0][:, 2:].min()) / 224)
+        reduction = draft_reduction(image, min_side_ratio(boxes, [224]))
         assert reduction == 8
         assert decode(image, 3, reduction).size == (1500, 1125)
     with open_image(path) as image:

@@ -16,8 +16,10 @@ nvJPEG on CUDA) and cuts the same boxes there with BatchedViews' ``crop_resize_f
 (PNG, CMYK JPEGs, ...) are still decoded and cropped in the worker.
 
 Deviations from the per-sample pipeline: the crop is resized by PIL (antialiased bilinear, which
-torchvision's tensor resize was built to match) on the uint8 image, possibly DCT-reduced first
-(a reduction by s averages s x s blocks in the DCT domain before the antialiased resize).
+torchvision's tensor resize was built to match) on the uint8 image: within 1 uint8 level of
+torchvision's crop-then-resize. A JPEG may be DCT-reduced first (only when every crop stays >= 2x
+downscaled after it): a mean 0.002 levels on the benchmark's JPEGs, 0.9 on images with strong
+per-pixel colour noise (tests/test_image_folder_crops.py).
 """
 from __future__ import annotations
 
@@ -51,14 +53,20 @@ def crop_boxes(width: int, height: int, configs: Sequence[ViewConfig], generator
     return [random_resized_crop_params(c.count, height, width, c.scale, c.ratio, generator) for c in configs]
 
 
-def cut_crops(image: Image.Image, channels: int, boxes: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[Tensor]:
+def min_side_ratio(boxes: Sequence[Tensor], sizes: Sequence[int]) -> float:
+    """The smallest crop side / output side over all boxes (n, 4) of every view config."""
+    return min(float(b[:, 2:].min()) / size for b, size in zip(boxes, sizes))
+
+
+def cut_crops(image: Image.Image, channels: int, boxes: Sequence[torch.Tensor], sizes: Sequence[int],
+              reduction: int | None = None) -> list[Tensor]:
     """Decode ``image`` (header read) and cut its crops: boxes in full-size pixels -> [uint8 (count, C, s, s)].
 
-    The file is DCT-reduced by the largest power of two that keeps every crop a downscale.
+    The file is DCT-reduced by ``draft_reduction`` (every crop stays >= 2x downscaled), or by
+    ``reduction`` when given (the benchmark compares reductions).
     """
     width, height = image.size
-    min_ratio = min(float(b[:, 2:].min()) / size for b, size in zip(boxes, sizes))
-    reduction = draft_reduction(image, min_ratio)
+    reduction = reduction or draft_reduction(image, min_side_ratio(boxes, sizes))
     decoded = decode(image, channels, reduction)
     # decoded pixel i holds source pixels [r * i, r * (i + 1)): boxes scale by exactly 1 / r
     sx = sy = 1 / reduction if decoded.size != (width, height) else 1.0
@@ -140,7 +148,8 @@ def collate_encoded(items: list[tuple[list[Tensor] | Encoded, int, str]]) -> tup
     jpeg = [i for i, p in enumerate(payloads) if isinstance(p, tuple)]
     cut = [i for i, p in enumerate(payloads) if not isinstance(p, tuple)]
     kinds = len(payloads[0][1] if isinstance(payloads[0], tuple) else payloads[0])
-    batch = {"size": len(payloads), "jpeg": [payloads[i][0] for i in jpeg], "jpeg_files": [payloads[i][2] for i in jpeg],
+    batch = {"size": len(payloads), "jpeg": [payloads[i][0] for i in jpeg],
+             "jpeg_files": [payloads[i][2] for i in jpeg],
              "jpeg_index": torch.tensor(jpeg, dtype=torch.long), "cut_index": torch.tensor(cut, dtype=torch.long),
              "jpeg_boxes": [torch.stack([payloads[i][1][k] for i in jpeg]) if jpeg else None for k in range(kinds)],
              "cut": [torch.stack([payloads[i][k] for i in cut]) if cut else None for k in range(kinds)]}
@@ -164,8 +173,8 @@ def crops_on_device(batch: dict, configs: Sequence[ViewConfig], channels: int, d
     try:
         images = decode_jpegs(batch["jpeg"], channels, device)
     except UnreadableImage as err:
-        raise UnreadableImage(f"{err} ({batch['jpeg_files'][err.index]}); use data.decode: workers, which can also skip such files "
-                              "(data.on_corrupt: skip)") from err
+        raise UnreadableImage(f"{err} ({batch['jpeg_files'][err.index]}); use data.decode: workers, which can "
+                              "also skip such files (data.on_corrupt: skip)") from err
     height, width = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
     padded = torch.zeros(len(images), height, channels, width, device=device)  # crop_resize_flip's layout
     for target, image in zip(padded, images):
