@@ -24,6 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
+from ssl_lightning.allocator import keep_freed_memory
 from ssl_lightning.data.batched_views import gaussian_blur_
 from ssl_lightning.data.crops import crop_boxes, crops_on_device, cut_crops, min_side_ratio, sample_generator
 from ssl_lightning.data.datamodule import SSLDataModule
@@ -100,9 +101,10 @@ def report(root: Path, *, workers: int, batch_size: int, batches: int, device: t
     """Prints images/s of every pipeline for both recipes and the device/per-sample ratio.
 
     On a CPU the main process (which runs BatchedViews) keeps one thread: with ``workers`` busy
-    workers on the same cores, more OpenMP threads only wait for each other (measured 3-15x slower
-    per batch with 2 threads next to 2 workers on 2 cores).
+    workers on the same cores, more OpenMP threads only wait for each other (2 threads next to 2
+    workers on the 2-core dev machine made a batch several times slower).
     """
+    keep_freed_memory()  # as the CLI does at start-up (ssl_lightning/allocator.py)
     if device.type == "cpu":
         torch.set_num_threads(1)
     modes = [("per-sample (augment: workers)", "workers", "workers"),

@@ -29,9 +29,9 @@ from ssl_lightning.data.resumable import ResumableSampler
 from ssl_lightning.data.datasets import TensorImageDataset, dataset_info, find_data_dir, load_dataset
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, as_view_configs, build_eval_transform
 
+log = logging.getLogger(__name__)
 # Our loader does resume mid-epoch (through the data module's state, see state_dict below), which
 # Lightning cannot see from the loader alone.
-log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 # Larger decoded images are refused (or skipped): a 12,000 x 9,000 PNG would take 324 MB per worker.
-# JPEGs that large pass, because draft decoding reduces them first.
+# JPEGs that large pass with augment: device, where draft decoding reduces them first.
 MAX_DECODED_PIXELS = 64 * 2**20
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -70,7 +70,7 @@ def decode(image: Image.Image, channels: int, reduction: int = 1) -> Image.Image
         if image.size[0] * image.size[1] > MAX_DECODED_PIXELS:
             raise UnreadableImage(
                 f"image {path} is {image.size[0]} x {image.size[1]} px, more than the {MAX_DECODED_PIXELS:,} "
-                "pixels decoded at once; downscale the file (or store it as JPEG, which is decoded reduced)")
+                "pixels decoded at once; downscale the file (JPEGs are decoded reduced with data.augment: device)")
         image.load()
         return image if image.mode == mode else image.convert(mode)
     except UnreadableImage:
