@@ -25,11 +25,11 @@ import yaml
 from PIL import Image
 
 from ssl_lightning.allocator import keep_freed_memory
-from ssl_lightning.data.batched_views import gaussian_blur_
+from ssl_lightning.data.batched_views import banded_blur, conv_blur
 from ssl_lightning.data.crops import crop_boxes, crops_on_device, cut_crops, min_side_ratio, sample_generator
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.data.decode import decode as decode_image, decode_jpegs, open_image
-from ssl_lightning.data.views import ViewConfig
+from ssl_lightning.data.views import ViewConfig, blur_kernel_size
 from timing import clock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,11 +145,12 @@ def decoder_costs(files: list[Path]) -> None:
              "PIL crop + resize to 224": _ms_per_call(
                  lambda image: image.crop((10, 10, 260, 250)).resize((224, 224), Image.Resampling.BILINEAR),
                  [decode_image(open_image(f), 3) for f in files[:20]])}
-    views, sigma = torch.rand(32, 3, 224, 224), torch.rand(32) * 1.9 + 0.1
-    costs["blur 23 px, banded matmuls (per view)"] = _ms_per_call(
-        lambda x: gaussian_blur_(x.clone(), sigma, 23), [views] * 3) / len(views)
-    costs["blur 23 px, depthwise conv2d (per view)"] = _ms_per_call(
-        lambda x: _conv_blur(x, sigma, 23), [views] * 3) / len(views)
+    sigma = torch.rand(32) * 1.9 + 0.1
+    for size in (96, 128, 224):  # around BANDED_BLUR_MIN_KERNEL, and the 224 px views
+        views, kernel = torch.rand(32, 3, size, size), blur_kernel_size(size)
+        for name, blur in (("banded matmuls", banded_blur), ("depthwise conv2d", conv_blur)):
+            costs[f"{size} px view blur (kernel {kernel}), {name}"] = _ms_per_call(
+                lambda x: blur(x, sigma, kernel), [views] * 3) / len(views)
     torch.set_num_threads(threads)
     print("one thread, ms per image: " + ", ".join(f"{name} {ms:.2f}" for name, ms in costs.items()))
 
@@ -176,15 +177,3 @@ def crop_deviation(files: list[Path], size: int = 64) -> None:
             errors[name].append((crops.int() - reference.int()).abs().float().flatten())
     print(f"{size} px crops vs torchvision on the full decode ({len(files)} files): " + ", ".join(
         f"{name} mean {torch.cat(e).mean():.3f} max {torch.cat(e).max():.0f} levels" for name, e in errors.items()))
-
-
-def _conv_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """The previous separable blur (depthwise conv2d, one group per sample and channel), for comparison."""
-    n, channels, height, width = x.shape
-    half = kernel_size // 2
-    offsets = torch.arange(kernel_size, dtype=torch.float32) - half
-    taps = torch.softmax(-(offsets / sigma[:, None]) ** 2 / 2, dim=1).repeat_interleave(channels, dim=0)
-    taps = taps.view(n * channels, 1, 1, kernel_size)
-    padded = torch.nn.functional.pad(x, (half,) * 4, mode="reflect").reshape(1, n * channels, height + 2 * half, -1)
-    out = torch.nn.functional.conv2d(padded, taps, groups=n * channels)
-    return torch.nn.functional.conv2d(out, taps.transpose(2, 3), groups=n * channels).view(n, channels, height, width)

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ssl_lightning.data.views import ViewConfig, blur_kernel_size
 
@@ -269,12 +270,15 @@ def _banded_rows(matrix: Tensor, x: Tensor, half: int, block: int = 32) -> Tenso
     return out
 
 
-def _blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    """Separable Gaussian blur as banded matrix products along the rows, then (transposed) the columns.
+# From this kernel size on (views of 110 px and more) the banded matmuls beat the depthwise conv on a
+# CPU: 1.3x faster at 128 px (kernel 13), 2.2x at 224 px; at 96 px (kernel 9) the conv is 1.3x faster
+# (one thread, 2026-12-03; ``benchmarks/throughput.py --imagefolder`` prints these blur costs).
+BANDED_BLUR_MIN_KERNEL = 11
 
-    On a CPU this is several times faster than a depthwise conv2d with per-sample kernels (measured
-    in docs/image_folders.md) and exact up to float rounding.
-    """
+
+def banded_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """(n, C, H, W), sigma (n,) -> blurred (n, C, H, W): banded matrix products along the rows, then
+    (transposed) the columns; exact up to float rounding."""
     n, channels, height, width = x.shape
     half = kernel_size // 2
     rows = x.transpose(1, 2).reshape(n, height, channels * width)
@@ -284,12 +288,27 @@ def _blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     return out.view(n, width, channels, height).permute(0, 2, 3, 1)
 
 
+def conv_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """(n, C, H, W), sigma (n,) -> blurred: a horizontal then a vertical depthwise conv (one group per
+    sample and channel, so each sample gets its own kernel) after reflect padding."""
+    n, channels, height, width = x.shape
+    half = kernel_size // 2
+    offsets = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - half
+    taps = torch.softmax(-(offsets / sigma.float()[:, None]) ** 2 / 2, dim=1)  # (n, kernel_size)
+    taps = taps.repeat_interleave(channels, dim=0).view(n * channels, 1, 1, kernel_size)
+    padded = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, n * channels, height + 2 * half, -1)
+    out = F.conv2d(F.conv2d(padded, taps, groups=n * channels), taps.transpose(2, 3), groups=n * channels)
+    return out.view(n, channels, height, width)
+
+
 def gaussian_blur_(x: Tensor, sigma: Tensor, kernel_size: int, apply_mask: Tensor | None = None) -> Tensor:
     """(n, C, H, W), sigma (n,), in place: ``v2.functional.gaussian_blur`` with a per-sample sigma.
 
-    Separable, with reflect padding as torchvision pads; each sample gets its own kernel.
+    Separable, with reflect padding as torchvision pads; each sample gets its own kernel. Large
+    kernels run as banded matrix products, small ones as depthwise convs (whichever is faster).
     """
-    return _per_sample_(x, apply_mask, lambda images, s: _blur(images, s, kernel_size), sigma)
+    blur = banded_blur if kernel_size >= BANDED_BLUR_MIN_KERNEL else conv_blur
+    return _per_sample_(x, apply_mask, lambda images, s: blur(images, s, kernel_size), sigma)
 
 
 def solarize_(x: Tensor, threshold: float = 0.5, apply_mask: Tensor | None = None) -> Tensor:
