@@ -270,9 +270,11 @@ def _banded_rows(matrix: Tensor, x: Tensor, half: int, block: int = 32) -> Tenso
     return out
 
 
-# From this kernel size on (views of 110 px and more) the banded matmuls beat the depthwise conv on a
-# CPU: 1.3x faster at 128 px (kernel 13), 2.2x at 224 px; at 96 px (kernel 9) the conv is 1.3x faster
-# (one thread, 2026-12-03; ``benchmarks/throughput.py --imagefolder`` prints these blur costs).
+# From this kernel size on (views of 110 px and more) the banded matmuls are faster than the depthwise
+# conv on a CPU: 1.2-2.4x at 128 px (kernel 13), 2.5-3.2x at 224 px (three runs of
+# ``benchmarks/throughput.py --imagefolder``, which prints these costs, 2026-12-03). For the small
+# kernels of 28-32 px views (kernel 3) the conv took 0.56-0.64x the time (one thread, 256 views). At
+# 96 px (kernel 9) the banded products were 1.0-1.6x faster; the switch is not tuned between 32 and 96 px.
 BANDED_BLUR_MIN_KERNEL = 11
 
 
