@@ -30,3 +30,13 @@ export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --config experiments/cifar10/vicreg.yaml \
     --synthetic "$SYNTHETIC" --steps "$STEPS" --skip $((STEPS / 3)) --workers "$WORKERS" --batch_size "$BATCH" \
     --pipeline_batches 20 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/throughput.log"
+# Image folders (issue 16): the crop tests (decode: device runs nvJPEG here), then 2,000 synthetic JPEGs,
+# per-sample vs decode-time crops + batched views vs GPU decoding, BYOL 2 x 224 and DINO 2 x 224 + 6 x 96.
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_image_folder_crops.py -m "not slow" 2>&1 | tee "$OUT/folder_tests.log"
+(cd benchmarks && "$PYTHON" throughput.py --device "$DEVICE" --imagefolder /tmp/ssl-jpegs --workers "$WORKERS" \
+    --batch_size 256 --pipeline_batches 10) 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/folder_throughput.log"
+# ResNet-50 at 224 px, 2 views (BYOL recipe) on those JPEGs: end to end (b) vs model only (a); target b/a >= 0.9.
+"$PYTHON" benchmarks/throughput.py --device "$DEVICE" --config experiments/imagenet100/byol.yaml --workers "$WORKERS" \
+    --steps "$STEPS" --skip $((STEPS / 3)) --batch_size "$BATCH" \
+    --cli_args "--data.data_dir /tmp/ssl-jpegs --data.labelled false --model.init_args.backbone resnet50" \
+    2>&1 | grep -v "Warning\|warn(" | tee "$OUT/folder_resnet50.log"

@@ -109,7 +109,12 @@ def test_device_augmentation_trains(tmp_path):
     assert trainer.global_step == 4 and 0 <= trainer.callback_metrics["probe/val_top1"] <= 1
 
 
-def test_device_augmentation_rejects_variable_size_datasets(tmp_path):
+def test_device_augmentation_on_an_image_folder_gets_decode_time_crops(tmp_path):
+    # variable-size files: the workers cut the crops (uint8, one tensor per view config), see
+    # test_image_folder_crops.py; the device makes the views
     write_folder(tmp_path / "train")
-    with pytest.raises(ValueError, match="augment: device needs fixed-size images"):
-        SSLDataModule(dataset="imagefolder", data_dir=str(tmp_path), labelled=False, augment="device")
+    dm = SSLDataModule(dataset="imagefolder", data_dir=str(tmp_path), labelled=False, augment="device",
+                       batch_size=4, num_workers=0, views=[ViewConfig(size=16)] * 2)
+    crops, labels, skipped = first_batch(dm)
+    assert [tuple(c.shape) for c in crops] == [(4, 1, 3, 16, 16)] * 2 and crops[0].dtype == torch.uint8
+    assert [tuple(v.shape) for v in dm.device_views(crops)] == [(4, 3, 16, 16)] * 2

@@ -7,10 +7,14 @@ mid-epoch exactly (ssl_lightning.data.resumable).
 
 ``augment`` picks where views are made: "workers" (per-sample torchvision in DataLoader workers,
 any dataset) or "device" (uint8 batches go to the training device and BatchedViews augments
-them there with per-sample random parameters; fixed-size in-memory datasets only).
+them there with per-sample random parameters). For image files (``imagefolder``) "device" cuts the
+random-resized crops at decode time in the workers (ssl_lightning.data.crops) and BatchedViews does
+the rest; ``on_corrupt: skip`` then replaces unreadable files instead of failing, and
+``decode: device`` has the workers send JPEG bytes that are decoded and cropped on the device.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -20,10 +24,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_lightning.data.batched_views import BatchedViews
+from ssl_lightning.data.crops import DECODE_PLACES, ON_CORRUPT, CroppedViewsDataset, collate_encoded, crops_on_device
 from ssl_lightning.data.resumable import ResumableSampler
 from ssl_lightning.data.datasets import TensorImageDataset, dataset_info, find_data_dir, load_dataset
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, as_view_configs, build_eval_transform
 
+log = logging.getLogger(__name__)
 # Our loader does resume mid-epoch (through the data module's state, see state_dict below), which
 # Lightning cannot see from the loader alone.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -45,6 +51,7 @@ class TransformedDataset(Dataset):
 
 AUGMENT_MODES = ("workers", "device")
 FIXED_SIZE_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "synthetic")
+FILE_DATASETS = ("imagefolder",)  # variable-size files: augment: device crops them in the workers
 
 
 class NormalizingCollate:
@@ -78,6 +85,8 @@ class SSLDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         augment: str = "workers",
+        on_corrupt: str = "error",
+        decode: str = "workers",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -85,9 +94,19 @@ class SSLDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size {batch_size} must be >= 1")
         if augment not in AUGMENT_MODES:
             raise ValueError(f"augment {augment!r} is not one of {AUGMENT_MODES}")
-        if augment == "device" and dataset not in FIXED_SIZE_DATASETS:
-            raise ValueError(f"augment: device needs fixed-size images ({', '.join(FIXED_SIZE_DATASETS)}); "
+        if augment == "device" and dataset not in FIXED_SIZE_DATASETS + FILE_DATASETS:
+            raise ValueError(f"augment: device supports {', '.join(FIXED_SIZE_DATASETS + FILE_DATASETS)}; "
                              f"use augment: workers for {dataset}")
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt {on_corrupt!r} is not one of {ON_CORRUPT}")
+        if decode not in DECODE_PLACES:
+            raise ValueError(f"decode {decode!r} is not one of {DECODE_PLACES}")
+        if decode == "device" and not (augment == "device" and dataset in FILE_DATASETS):
+            raise ValueError(f"decode: device needs image files read with augment: device (got dataset {dataset}, "
+                             f"augment {augment}); set data.augment: device or decode: workers")
+        if on_corrupt == "skip" and not (augment == "device" and dataset in FILE_DATASETS):
+            raise ValueError(f"on_corrupt: skip needs image files read with augment: device (got dataset "
+                             f"{dataset}, augment {augment}); set data.augment: device or on_corrupt: error")
         views = as_view_configs(views) if views else None
         crop = views[0].size if views else None
         self.info = dataset_info(dataset, data_dir, image_size=crop, labelled=labelled)
@@ -97,6 +116,9 @@ class SSLDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._resume_state: dict[str, int] | None = None  # from a checkpoint: where the epoch stopped
+        self.skipped_per_epoch: dict[int, int] = {}  # on_corrupt: skip -> replaced samples per epoch
+        self._skipped_files: set[str] = set()
+        self._reported_epochs: set[int] = set()
 
     # Read by the CLI to configure the model (link_arguments apply_on="instantiate").
     @property
@@ -134,7 +156,12 @@ class SSLDataModule(pl.LightningDataModule):
                     f"the {hp.dataset} training set has {len(base)} samples, fewer than one global batch of "
                     f"{hp.batch_size}; lower data.batch_size to at most {len(base)}")
             if hp.augment == "device":
-                self.train_set, self.device_views = base, BatchedViews(self.views, info.mean, info.std)
+                self.device_views = BatchedViews(self.views, info.mean, info.std)
+                self.train_set = base
+                if hp.dataset in FILE_DATASETS:  # crops cut at decode time, in the workers
+                    self.train_set = CroppedViewsDataset(base.files, base.labels, self.views, info.channels,
+                                                         seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+                                                         on_corrupt=hp.on_corrupt, decode=hp.decode)
             else:
                 self.train_set = TransformedDataset(base, MultiViewTransform(self.views, info.mean, info.std))
         if stage in ("fit", "validate") and self.val_set is None and info.num_classes > 0:
@@ -149,9 +176,32 @@ class SSLDataModule(pl.LightningDataModule):
         """augment: device -> the uint8 training batch becomes its views here, on the device."""
         trainer = self.trainer
         if self.hparams.augment == "device" and trainer is not None and trainer.training:
-            images, labels = batch
+            images, labels, *skipped = batch
+            if skipped:
+                self._count_skipped(skipped[0], trainer.current_epoch)
+            if isinstance(images, dict):  # decode: device
+                images = crops_on_device(images, self.views, self.info.channels, labels.device)
             return self.device_views(images), labels
         return batch
+
+    def _count_skipped(self, paths: list[str], epoch: int) -> None:
+        """Logs each unreadable file once and, when an epoch is over, how many samples it replaced."""
+        for path in filter(None, paths):
+            if path not in self._skipped_files:
+                self._skipped_files.add(path)
+                log.warning("unreadable image %s is skipped: replaced by the next readable file (on_corrupt: skip)",
+                            path)
+            self.skipped_per_epoch[epoch] = self.skipped_per_epoch.get(epoch, 0) + 1
+        for done in [e for e in self.skipped_per_epoch if e < epoch and e not in self._reported_epochs]:
+            self._report_skipped(done)
+
+    def _report_skipped(self, epoch: int) -> None:
+        self._reported_epochs.add(epoch)
+        log.warning("epoch %d: %d unreadable image(s) skipped", epoch, self.skipped_per_epoch[epoch])
+
+    def teardown(self, stage: str) -> None:
+        for epoch in [e for e in self.skipped_per_epoch if e not in self._reported_epochs]:
+            self._report_skipped(epoch)
 
     def eval_loader(self, split: str, num_samples: int | None, *, labelled: bool = True, batch_size: int = 512,
                     seed: int = 0) -> DataLoader:
@@ -180,14 +230,17 @@ class SSLDataModule(pl.LightningDataModule):
             return DataLoader(dataset, **common)
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True, seed=seed)
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True, seed=seed,
+                                   keyed=isinstance(dataset, CroppedViewsDataset))
         if self._resume_state is not None:
             epoch, batches_done = self._resume_state["epoch"], self._resume_state["batches_done"]
             sampler.resume_at(epoch, batches_done * common["batch_size"])
             self._resume_state = None
         # its own generator: creating an iterator must not draw from the global RNG, whose state the
         # checkpoint restores (a resumed run creates its iterator at a different moment)
-        return DataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **common)
+        collate = collate_encoded if isinstance(dataset, CroppedViewsDataset) and dataset.decode == "device" else None
+        return DataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), collate_fn=collate,
+                          **common)
 
     def state_dict(self) -> dict[str, int]:
         """Saved in every checkpoint: the epoch and how many of its batches were trained on. (Lightning

@@ -17,8 +17,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from ssl_lightning.data.decode import decode, open_image
 
 DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -80,12 +81,8 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = self.files[index]
-        try:
-            with Image.open(path) as img:
-                rgb = np.array(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise ValueError(f"cannot decode image {path}: {err}; delete or replace the file") from err
+        with open_image(self.files[index]) as image:
+            rgb = np.array(decode(image, 3), dtype=np.uint8)  # (H, W, 3)
         return torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), self.labels[index]
 
 
@@ -320,7 +317,18 @@ def _load_imagefolder(req: _Request) -> ImageFolderDataset:
 
 def _imagefolder_info(data_dir: str | None, image_size: int | None, labelled: bool) -> DatasetInfo:
     train_root = _split_root(find_data_dir("imagefolder", data_dir), "train")
-    num_classes = len(_class_names(train_root, required=True)) if labelled else 0
+    num_classes = 0
+    if labelled:
+        classes = _class_names(train_root, required=True)
+        empty = [c for c in classes if not any(map(_is_image, (train_root / c).rglob("*")))]
+        if empty:
+            raise FileNotFoundError(f"imagefolder: class folder(s) without images ({', '.join(IMAGE_EXTENSIONS)}) "
+                                    f"in {train_root}: {', '.join(empty)}; add images or remove the folders")
+        num_classes = len(classes)
+        if num_classes == 1:
+            warnings.warn(f"imagefolder: {train_root} has one class folder ({classes[0]}); a linear probe needs "
+                          "at least 2 classes, so the probes are off (training is unlabelled)", stacklevel=2)
+            num_classes = 0
     return DatasetInfo(3, image_size or 224, num_classes, *_IMAGENET_STATS)
 
 
