@@ -51,18 +51,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class LastCheckpoint(ModelCheckpoint):
     """Keeps ``<dirpath>/last.ckpt`` up to date: every ``every_n_train_steps`` optimizer steps
     (0 = off), at the end of every ``every_n_epochs``-th epoch (0 = off) and at the step that reaches
-    trainer.max_steps; PreemptionHandler adds one on SIGUSR1. Nothing else is kept.
+    trainer.max_steps; PreemptionHandler adds one on SIGUSR1. ``keep_every_n_epochs`` K > 0 also keeps
+    ``<dirpath>/epoch=E.ckpt`` (E = epochs completed) at the end of every K-th epoch, through the same
+    atomic save; nothing else is kept (none by default).
 
     A ModelCheckpoint subclass so that ``--ckpt_path last`` finds it; its own save rules replace
     ModelCheckpoint's top-k/monitor logic, which never writes last.ckpt when save_top_k=0.
     """
 
-    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0, every_n_epochs: int = 1):
-        if every_n_train_steps < 0 or every_n_epochs < 0:
-            raise ValueError(f"every_n_train_steps {every_n_train_steps} and every_n_epochs {every_n_epochs} "
-                             "must be >= 0 (0 turns that trigger off)")
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0, every_n_epochs: int = 1,
+                 keep_every_n_epochs: int = 0):
+        if every_n_train_steps < 0 or every_n_epochs < 0 or keep_every_n_epochs < 0:
+            raise ValueError(f"every_n_train_steps {every_n_train_steps}, every_n_epochs {every_n_epochs} and "
+                             f"keep_every_n_epochs {keep_every_n_epochs} must be >= 0 (0 turns that trigger off)")
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
         self.every_steps, self.every_epochs = every_n_train_steps, every_n_epochs
+        self.keep_every_epochs = keep_every_n_epochs
 
     def save_now(self, trainer) -> str:
         """Write last.ckpt for the current step, whatever the schedule (preemption)."""
@@ -85,9 +89,12 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.fit_loop.epoch_loop.batch_progress.current.processed < trainer.num_training_batches:
             return  # stopped mid-epoch (preemption): an epoch-end save would mark the epoch as finished
-        if self.every_epochs and (trainer.current_epoch + 1) % self.every_epochs == 0:
+        epochs_done = trainer.current_epoch + 1
+        if self.every_epochs and epochs_done % self.every_epochs == 0:
             self._last_global_step_saved = -1  # the epoch-end state (loop counters) differs from the step save
             self._save_last(trainer)
+        if self.keep_every_epochs and epochs_done % self.keep_every_epochs == 0 and not trainer.fast_dev_run:
+            trainer.save_checkpoint(str(Path(self.dirpath) / f"epoch={epochs_done}{self.FILE_EXTENSION}"))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         pass

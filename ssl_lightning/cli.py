@@ -159,6 +159,11 @@ def main(args: list[str] | None = None) -> None:
 
         landscape_main(argv[1:])
         return
+    if argv and argv[0] == "hessian":
+        from ssl_lightning.landscape.hessian_command import main as hessian_main
+
+        hessian_main(argv[1:])
+        return
     if argv and argv[0] in EVAL_COMMANDS:
         from ssl_lightning.eval.commands import main as eval_main
 

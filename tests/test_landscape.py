@@ -24,7 +24,7 @@ from ssl_lightning.landscape import filter_normalized_direction, loss_grid, meth
 from ssl_lightning.landscape.objectives import (
     at_checkpoint_step,
     fixed_labelled_images,
-    fixed_training_views,
+    fixed_training_batches,
     perturbed_parameters,
 )
 from ssl_lightning.methods import MAE, MoCoV2, VICReg
@@ -101,7 +101,7 @@ def test_centre_is_the_checkpoints_loss_and_weights_are_unchanged(mocov2_ckpt):
     assert all(torch.equal(before[k], after[k]) for k in before), "parameters and queue are restored bit for bit"
     assert method._trainer is None, "the checkpoint clock is detached"
 
-    views = fixed_training_views(build_datamodule(data), **FIXED)
+    views = [batch for batch, _ in fixed_training_batches(build_datamodule(data), **FIXED)]
     losses = []
     with torch.no_grad():
         for i, batch in enumerate(views):
@@ -157,7 +157,7 @@ def test_mae_landscape_holds_its_masks_fixed(tmp_path):
     first = method_landscape(method, hparams, parse_grid(AXIS), **FIXED)
     again = method_landscape(method, hparams, parse_grid(AXIS), **FIXED)
     assert torch.equal(first, again), "same command, same surface"
-    views = fixed_training_views(build_datamodule(hparams), **FIXED)
+    views = [batch for batch, _ in fixed_training_batches(build_datamodule(hparams), **FIXED)]
     with torch.no_grad():
         seeded = []
         for i, batch in enumerate(views):
