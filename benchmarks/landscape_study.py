@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,48 @@ def train(name: str, config: str, out: Path) -> Path:
     return ckpts
 
 
+# The analysis grid, sized for the CPU budget: loss on 9 x 9 points, Hessian curvature on 3 x 3 (Lanczos
+# steps, Hutchinson vectors), on fixed batches of the training split (seed 0).
+GRID, CURVATURE_GRID, ITERS, TRACE_SAMPLES = "-1:1:9", "-1:1:3", 8, 8
+PRETRAIN_BATCHES, PROBE_BATCHES, EVAL_BATCH = 1, 1, 64
+PROBE_EPOCHS = (1, 2, EPOCHS)
+
+
+def analyse(ckpts: dict[str, Path], out: Path, figures: Path) -> dict[str, list[dict]]:
+    """Pre-training-loss landscapes of the three final checkpoints, probe landscapes of MAE and RC-MAE
+    at PROBE_EPOCHS; each as one comparison figure (copied to ``figures``) and one table."""
+    from ssl_lightning.landscape import landscape
+
+    common = dict(grid=GRID, curvature=CURVATURE_GRID, iters=ITERS, trace_samples=TRACE_SAMPLES, seed=0,
+                  batch_size=EVAL_BATCH)
+    tables = {}
+    start = time.time()
+    tables["pretrain"], paths = landscape([str(c / "last.ckpt") for c in ckpts.values()], loss="pretrain",
+                                          num_batches=PRETRAIN_BATCHES, labels=list(ckpts), out=out / "pretrain",
+                                          **common)
+    copy_figure(paths["compare"], figures / "landscape_study_pretrain.png")
+    print(f"pretrain landscapes: {time.time() - start:.0f} s", flush=True)
+    start = time.time()
+    probed = [(f"{name} epoch {e}", ckpts[name] / f"epoch={e}.ckpt") for e in PROBE_EPOCHS for name in ("MAE", "RC-MAE")]
+    tables["probe"], paths = landscape([str(c) for _, c in probed], loss="probe", num_batches=PROBE_BATCHES,
+                                       labels=[label for label, _ in probed], out=out / "probe", **common)
+    copy_figure(paths["compare"], figures / "landscape_study_probe.png")
+    print(f"probe landscapes: {time.time() - start:.0f} s", flush=True)
+    return tables
+
+
+def copy_figure(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+
+
+def print_table(name: str, rows: list[dict]) -> None:
+    print(f"\n{name}: label | centre loss | flatness | convex fraction | lambda_max | lambda_min | trace +- se")
+    for r in rows:
+        print(f"  {r['label']} | {r['center']:.4f} | {r['flatness']:.3f} | {r['convex_fraction']:.3f} | "
+              f"{r['lambda_max']:.4g} | {r['lambda_min']:.4g} | {r['trace']:.4g} +- {r['trace_stderr']:.2g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/landscape_study")
@@ -57,9 +100,14 @@ def main() -> None:
     started = time.time()
     ckpts = {name: train(name, config, out) for name, config in RUNS.items()}
     timings = {"train_s": time.time() - started}
-    if args.stage == "train":
-        print(json.dumps(timings))
-        return
+    if args.stage == "all":
+        started = time.time()
+        tables = analyse(ckpts, out, Path(args.figures))
+        timings["analysis_s"] = time.time() - started
+        for name, rows in tables.items():
+            print_table(name, rows)
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    print(json.dumps(timings))
 
 
 if __name__ == "__main__":

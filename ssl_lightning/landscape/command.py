@@ -30,8 +30,15 @@ import torch.distributed as dist
 
 from ssl_lightning.distributed import rank, world_size
 from ssl_lightning.eval.features import load_checkpoint
-from ssl_lightning.landscape.curvature import method_curvature, point_curvature
-from ssl_lightning.landscape.grid import convex_fraction, convexity_ratio, loss_grid, parse_grid, summarize
+from ssl_lightning.landscape.curvature import objective_curvature
+from ssl_lightning.landscape.grid import (
+    convex_fraction,
+    convexity_ratio,
+    curvature_grid,
+    loss_grid,
+    parse_grid,
+    summarize,
+)
 from ssl_lightning.landscape.objectives import LOSSES, at_checkpoint_step, method_plane
 from ssl_lightning.landscape.plots import comparison_plot, contour_plot, convexity_plot, surface_plot
 from ssl_lightning.methods import SSLMethod
@@ -92,8 +99,8 @@ def write_outputs(out: Path, loss: str, axis: torch.Tensor, losses: torch.Tensor
     stem = out / f"landscape_{loss}"
     paths = {"npz": stem.with_suffix(".npz"), "summary": Path(f"{stem}_summary.json")}
     arrays = {} if curvature is None else {"curvature_axis": curvature_axis.numpy(),
-                                           "lambda_min": curvature[..., 0].numpy(),
-                                           "lambda_max": curvature[..., 1].numpy()}
+                                           "lambda_min_map": curvature[..., 0].numpy(),
+                                           "lambda_max_map": curvature[..., 1].numpy()}
     np.savez(paths["npz"], alphas=axis.numpy(), betas=axis.numpy(), losses=losses.numpy(), **arrays,
              **{k: np.asarray(v) for k, v in summary.items()})
     paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
@@ -114,25 +121,30 @@ def evaluate_checkpoint(ckpt: str, axis: torch.Tensor, *, loss: str, num_batches
                         trace_samples: int = 20) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
     """(summary, losses, curvature or None) of one checkpoint, on this rank's share of the grid(s).
     With curvature_axis: the (lambda_min, lambda_max) map on that grid, the convex fraction and its
-    cost per point (one process), and point_curvature at the trained weights (lambda_max, trace...)."""
+    cost per point (one process), and objective_curvature at the trained weights (lambda_max, trace...)."""
     start = time.time()
     method, data = load_checkpoint(ckpt)
     saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # for its epoch and step
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    fixed = dict(loss=loss, num_batches=num_batches, batch_size=batch_size, seed=seed,
-                 epoch=int(saved.get("epoch", 0)), global_step=int(saved.get("global_step", 0)))
-    losses = method_landscape(method.to(device), data, axis, **fixed)
-    summary = {**summarize(losses, axis, axis, flat_tolerance=flat_tolerance), "seconds": time.time() - start,
-               "points": losses.numel(), "batches": num_batches, "seed": seed}
-    if curvature_axis is None:
-        return summary, losses, None
-    start = time.time()
-    curvature = method_curvature(method, data, curvature_axis, iters=iters, tol=tol, **fixed)
-    summary.update(
-        convex_fraction=convex_fraction(curvature[..., 0], curvature[..., 1], tolerance=convex_tolerance),
-        convex_tolerance=convex_tolerance, curvature_points=curvature[..., 0].numel(),
-        curvature_seconds_per_point=(time.time() - start) * world_size() / curvature[..., 0].numel(),
-        **point_curvature(method, data, iters=iters, tol=tol, trace_samples=trace_samples, **fixed))
+    epoch, step = int(saved.get("epoch", 0)), int(saved.get("global_step", 0))
+    method = method.to(device)
+    objective, moved, d1, d2 = method_plane(method, data, loss=loss, num_batches=num_batches, batch_size=batch_size,
+                                            seed=seed)
+    with at_checkpoint_step(method, epoch=epoch, global_step=step):
+        losses = loss_grid(method, objective, d1, d2, axis, axis)
+        summary = {**summarize(losses, axis, axis, flat_tolerance=flat_tolerance), "seconds": time.time() - start,
+                   "points": losses.numel(), "batches": num_batches, "seed": seed}
+        if curvature_axis is None:
+            return summary, losses, None
+        start = time.time()
+        curvature = curvature_grid(method, objective, moved, d1, d2, curvature_axis, curvature_axis, iters=iters,
+                                   tol=tol, seed=seed)
+        summary.update(
+            convex_fraction=convex_fraction(curvature[..., 0], curvature[..., 1], tolerance=convex_tolerance),
+            convex_tolerance=convex_tolerance, curvature_points=curvature[..., 0].numel(),
+            curvature_seconds_per_point=(time.time() - start) * world_size() / curvature[..., 0].numel(),
+            **objective_curvature(method, objective, moved, iters=iters, tol=tol, seed=seed,
+                                  trace_samples=trace_samples))
     return summary, losses, curvature
 
 

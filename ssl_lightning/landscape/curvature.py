@@ -7,6 +7,7 @@ the method's weights and buffers restored bit for bit afterwards.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -29,18 +30,16 @@ def method_curvature(method: SSLMethod, data: dict, axis: torch.Tensor, *, loss:
         return curvature_grid(method, objective, moved, d1, d2, axis, axis, iters=iters, tol=tol, seed=seed)
 
 
-def point_curvature(method: SSLMethod, data: dict, *, loss: str = "pretrain", num_batches: int = 4,
-                    batch_size: int | None = None, seed: int = 0, epoch: int = 0, global_step: int = 0,
-                    iters: int = 100, tol: float = 1e-3, trace_samples: int = 50) -> dict[str, float]:
+def objective_curvature(method: SSLMethod, objective: Callable[[], torch.Tensor], moved: Collection[str], *,
+                        iters: int = 100, tol: float = 1e-3, seed: int = 0, trace_samples: int = 50) -> dict[str, float]:
     """lambda_max, lambda_min, ratio |lambda_min / lambda_max| (Lanczos, at most ``iters`` products,
     relative residual ``tol``) and the Hutchinson trace with its standard error (``trace_samples``
-    Rademacher vectors) of the Hessian of ``loss`` at the trained weights, over the parameters the
-    landscape moves; plus their number and the seconds it took. Every process computes all of it."""
+    Rademacher vectors) of the Hessian of ``objective()`` with respect to the parameters named in
+    ``moved``, at the method's current weights; plus their number and the seconds it took. Every
+    process computes all of it; parameters and buffers are restored after each estimate."""
     start = time.time()
-    objective, moved = method_objective(method, data, loss=loss, num_batches=num_batches, batch_size=batch_size,
-                                        seed=seed)
     params = [p for name, p in method.named_parameters() if name in moved]
-    with at_checkpoint_step(method, epoch=epoch, global_step=global_step), local_only(), torch.enable_grad():
+    with local_only(), torch.enable_grad():
         with preserved_state(method):  # ssl_step may push to queues: both estimates start from the checkpoint's
             lambda_min, lambda_max = hessian_extremes(objective, params, iters=iters, tol=tol, seed=seed)
         with preserved_state(method):
@@ -48,3 +47,15 @@ def point_curvature(method: SSLMethod, data: dict, *, loss: str = "pretrain", nu
     return {"lambda_max": lambda_max, "lambda_min": lambda_min, "ratio": abs(lambda_min / lambda_max),
             "trace": trace, "trace_stderr": trace_stderr, "parameters": sum(p.numel() for p in params),
             "curvature_seconds": time.time() - start}
+
+
+def point_curvature(method: SSLMethod, data: dict, *, loss: str = "pretrain", num_batches: int = 4,
+                    batch_size: int | None = None, seed: int = 0, epoch: int = 0, global_step: int = 0,
+                    iters: int = 100, tol: float = 1e-3, trace_samples: int = 50) -> dict[str, float]:
+    """objective_curvature of ``loss`` (method_objective: the landscape's fixed batches and moved
+    parameters) at the trained weights, seen at the checkpoint's epoch and step."""
+    objective, moved = method_objective(method, data, loss=loss, num_batches=num_batches, batch_size=batch_size,
+                                        seed=seed)
+    with at_checkpoint_step(method, epoch=epoch, global_step=global_step):
+        return objective_curvature(method, objective, moved, iters=iters, tol=tol, seed=seed,
+                                   trace_samples=trace_samples)
