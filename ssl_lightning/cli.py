@@ -1,5 +1,6 @@
 """``ssl-lightning fit|validate --config experiments/<dataset>/<method>.yaml [--key value ...]``,
-``ssl-lightning linear|knn --ckpt <checkpoint>`` (offline evaluation, see ssl_lightning.eval.commands).
+``ssl-lightning linear|knn --ckpt <checkpoint>`` (offline evaluation, see ssl_lightning.eval.commands),
+``ssl-lightning landscape|hessian --ckpt <checkpoint>`` (loss landscapes and curvature, ssl_lightning.landscape).
 
 Built on LightningCLI: every Trainer, model and data option is settable from YAML or the command
 line, ``--print_config`` shows the resolved config. ``model.class_path`` takes a registry name

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_lightning.landscape import convex_fraction, convexity_ratio, hessian_eigenvalues, hessian_extremes, hessian_trace
+from ssl_lightning.landscape import (
+    convex_fraction,
+    convexity_ratio,
+    hessian_eigenvalues,
+    hessian_extremes,
+    hessian_trace,
+)
 from ssl_lightning.landscape.grid import curvature_grid, parse_grid
 from ssl_lightning.landscape.hessian import hessian_vector_operator
 from ssl_lightning.models.backbones import build_backbone

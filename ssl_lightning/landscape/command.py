@@ -115,6 +115,15 @@ def write_outputs(out: Path, loss: str, axis: torch.Tensor, losses: torch.Tensor
     return paths
 
 
+def load_at_step(ckpt: str | Path) -> tuple[SSLMethod, dict, int, int]:
+    """(method in eval mode on this rank's GPU or the CPU, data hyperparameters, the epoch and global
+    step it was saved at, which schedules inside ssl_step read)."""
+    method, data = load_checkpoint(ckpt)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return method.to(device), data, int(saved.get("epoch", 0)), int(saved.get("global_step", 0))
+
+
 def evaluate_checkpoint(ckpt: str, axis: torch.Tensor, *, loss: str, num_batches: int, batch_size: int | None,
                         seed: int, flat_tolerance: float, curvature_axis: torch.Tensor | None = None,
                         convex_tolerance: float = 0.1, iters: int = 20, tol: float = 1e-3,
@@ -123,11 +132,7 @@ def evaluate_checkpoint(ckpt: str, axis: torch.Tensor, *, loss: str, num_batches
     With curvature_axis: the (lambda_min, lambda_max) map on that grid, the convex fraction and its
     cost per point (one process), and objective_curvature at the trained weights (lambda_max, trace...)."""
     start = time.time()
-    method, data = load_checkpoint(ckpt)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # for its epoch and step
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    epoch, step = int(saved.get("epoch", 0)), int(saved.get("global_step", 0))
-    method = method.to(device)
+    method, data, epoch, step = load_at_step(ckpt)
     objective, moved, d1, d2 = method_plane(method, data, loss=loss, num_batches=num_batches, batch_size=batch_size,
                                             seed=seed)
     with at_checkpoint_step(method, epoch=epoch, global_step=step):

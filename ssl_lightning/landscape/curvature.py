@@ -31,7 +31,8 @@ def method_curvature(method: SSLMethod, data: dict, axis: torch.Tensor, *, loss:
 
 
 def objective_curvature(method: SSLMethod, objective: Callable[[], torch.Tensor], moved: Collection[str], *,
-                        iters: int = 100, tol: float = 1e-3, seed: int = 0, trace_samples: int = 50) -> dict[str, float]:
+                        iters: int = 100, tol: float = 1e-3, seed: int = 0,
+                        trace_samples: int = 50) -> dict[str, float]:
     """lambda_max, lambda_min, ratio |lambda_min / lambda_max| (Lanczos, at most ``iters`` products,
     relative residual ``tol``) and the Hutchinson trace with its standard error (``trace_samples``
     Rademacher vectors) of the Hessian of ``objective()`` with respect to the parameters named in

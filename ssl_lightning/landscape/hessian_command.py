@@ -14,10 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from ssl_lightning.eval.features import load_checkpoint
-from ssl_lightning.landscape.command import default_out_dir
+from ssl_lightning.landscape.command import default_out_dir, load_at_step
 from ssl_lightning.landscape.curvature import point_curvature
 from ssl_lightning.landscape.objectives import LOSSES
 
@@ -25,12 +22,9 @@ from ssl_lightning.landscape.objectives import LOSSES
 def checkpoint_hessian(ckpt: str, *, loss: str = "pretrain", num_batches: int = 4, batch_size: int | None = None,
                        seed: int = 0, iters: int = 100, tol: float = 1e-3, trace_samples: int = 50) -> dict[str, float]:
     """point_curvature of the checkpoint at its saved epoch and step, on GPU where there is one."""
-    method, data = load_checkpoint(ckpt)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return point_curvature(method.to(device), data, loss=loss, num_batches=num_batches, batch_size=batch_size,
-                           seed=seed, epoch=int(saved.get("epoch", 0)), global_step=int(saved.get("global_step", 0)),
-                           iters=iters, tol=tol, trace_samples=trace_samples)
+    method, data, epoch, step = load_at_step(ckpt)
+    return point_curvature(method, data, loss=loss, num_batches=num_batches, batch_size=batch_size, seed=seed,
+                           epoch=epoch, global_step=step, iters=iters, tol=tol, trace_samples=trace_samples)
 
 
 def main(argv: list[str]) -> None:

@@ -35,8 +35,9 @@ def _check_size(available: int, num_batches: int, batch_size: int, what: str) ->
 def fixed_training_batches(datamodule: SSLDataModule, *, num_batches: int, batch_size: int,
                            seed: int) -> list[ViewBatch]:
     """``num_batches`` (views, labels): lists of views (b, C, H, W), one per configured view, of a
-    seeded subset of the training split, and their labels (-1 where unlabelled), augmented once by the data module's own pipeline (either augment mode) with RNGs
-    seeded by ``seed``. The caller's global RNG state is left as it was."""
+    seeded subset of the training split, augmented once by the data module's own pipeline (either
+    augment mode) with RNGs seeded by ``seed``, and their labels (b,) (-1 where unlabelled). The
+    caller's global RNG state is left as it was."""
     datamodule.setup("fit")
     train_set = datamodule.train_set
     _check_size(len(train_set), num_batches, batch_size, "training")
