@@ -52,6 +52,8 @@ def test_lanczos_recovers_the_largest_and_the_negative_smallest_eigenvalues():
     assert all(torch.equal(p, q) for p, q in zip(params, before)), "the parameters are not modified"
     with pytest.raises(ValueError, match="k 13 must be between 1 and min"):
         hessian_eigenvalues(loss, params, k=13)
+    with pytest.raises(ValueError, match=r"shapes \[\(6,\)\] do not require grad"):
+        hessian_eigenvalues(loss, [params[0], params[1].detach()])
 
 
 def test_hutchinson_trace():

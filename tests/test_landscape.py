@@ -171,6 +171,12 @@ def test_mae_landscape_holds_its_masks_fixed(tmp_path):
     assert first[1, 1] == pytest.approx(sum(seeded) / len(seeded), rel=1e-6)
     assert abs(unseeded - seeded[0]) > 1e-4, "another mask gives another loss"
     assert (first != first[1, 1]).sum() >= 7
+    # the probe's Hessian moves the backbone, whose sin-cos position embedding is fixed (no gradient): it is
+    # left out of the curvature's variables instead of failing the double backward
+    probe = point_curvature(method, hparams, loss="probe", trace_samples=2, **CURVATURE)
+    assert probe["parameters"] == sum(p.numel() for m in (method.backbone, method.probe) for p in m.parameters()
+                                      if p.requires_grad)
+    assert math.isfinite(probe["lambda_max"]) and probe["lambda_max"] > 0
 
 
 # ---- distributed ---------------------------------------------------------------------------------------

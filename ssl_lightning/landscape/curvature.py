@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection
 import torch
 
 from ssl_lightning.distributed import local_only
-from ssl_lightning.landscape.grid import curvature_grid, preserved_state
+from ssl_lightning.landscape.grid import curvature_grid, hessian_parameters, preserved_state
 from ssl_lightning.landscape.hessian import hessian_extremes, hessian_trace
 from ssl_lightning.landscape.objectives import at_checkpoint_step, method_objective, method_plane
 from ssl_lightning.methods import SSLMethod
@@ -39,7 +39,7 @@ def objective_curvature(method: SSLMethod, objective: Callable[[], torch.Tensor]
     ``moved``, at the method's current weights; plus their number and the seconds it took. Every
     process computes all of it; parameters and buffers are restored after each estimate."""
     start = time.time()
-    params = [p for name, p in method.named_parameters() if name in moved]
+    params = hessian_parameters(method, moved)
     with local_only(), torch.enable_grad():
         with preserved_state(method):  # ssl_step may push to queues: both estimates start from the checkpoint's
             lambda_min, lambda_max = hessian_extremes(objective, params, iters=iters, tol=tol, seed=seed)

@@ -32,6 +32,10 @@ def hessian_vector_operator(loss_fn: LossFn, params: Sequence[torch.Tensor]) -> 
     once (one call of loss_fn); each product is one more backward through it (Pearlmutter's trick).
     Parameters the gradient does not depend on contribute zero rows and columns."""
     params = list(params)
+    fixed = [tuple(p.shape) for p in params if not p.requires_grad]
+    if fixed:
+        raise ValueError(f"parameters of shapes {fixed} do not require grad, so the loss has no Hessian in them; "
+                         "pass only parameters with requires_grad=True")
     with math_attention():
         loss = loss_fn()
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
