@@ -29,7 +29,7 @@ from ssl_lightning.landscape.objectives import (
     fixed_training_batches,
     perturbed_parameters,
 )
-from ssl_lightning.methods import MAE, MoCoV2, VICReg
+from ssl_lightning.methods import MAE, RCMAE, MoCoV2, VICReg
 from ssl_lightning.wandb_offline import read_offline_run
 
 AXIS = "-0.5:0.5:3"
@@ -171,12 +171,27 @@ def test_mae_landscape_holds_its_masks_fixed(tmp_path):
     assert first[1, 1] == pytest.approx(sum(seeded) / len(seeded), rel=1e-6)
     assert abs(unseeded - seeded[0]) > 1e-4, "another mask gives another loss"
     assert (first != first[1, 1]).sum() >= 7
-    # the probe's Hessian moves the backbone, whose sin-cos position embedding is fixed (no gradient): it is
-    # left out of the curvature's variables instead of failing the double backward
-    probe = point_curvature(method, hparams, loss="probe", trace_samples=2, **CURVATURE)
-    assert probe["parameters"] == sum(p.numel() for m in (method.backbone, method.probe) for p in m.parameters()
-                                      if p.requires_grad)
-    assert math.isfinite(probe["lambda_max"]) and probe["lambda_max"] > 0
+
+
+
+def test_probe_curvature_covers_the_evaluated_backbone_even_when_not_trained():
+    """The probe landscape moves the evaluated backbone and the probe; its Hessian has exactly those
+    variables: RC-MAE's EMA teacher (no gradient in training) and the fixed sin-cos position embedding
+    included, so MAE and RC-MAE probe curvatures are over the same kind and number of parameters. Their
+    requires_grad flags are as before afterwards."""
+    data = tiny_data(views=[{"size": 16, "scale": (0.5, 1.0)}])
+    torch.manual_seed(0)
+    method = RCMAE(backbone="vit_tiny", backbone_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2},
+                   decoder_dim=32, decoder_depth=1, decoder_heads=2, num_classes=data.num_classes,
+                   in_chans=data.channels, image_size=data.image_size, batch_size=data.hparams.batch_size).eval()
+    flags = {n: p.requires_grad for n, p in method.named_parameters()}
+    result = point_curvature(method, dict(data.hparams), loss="probe", trace_samples=2, **CURVATURE)
+    teacher = method.evaluated_modules()[0]
+    assert teacher is method.teacher["backbone"] and not any(p.requires_grad for p in teacher.parameters())
+    assert result["parameters"] == sum(p.numel() for m in (teacher, method.probe) for p in m.parameters())
+    assert result["parameters"] > 10 * sum(p.numel() for p in method.probe.parameters())
+    assert {n: p.requires_grad for n, p in method.named_parameters()} == flags
+    assert math.isfinite(result["lambda_max"]) and result["lambda_max"] > 0
 
 
 # ---- distributed ---------------------------------------------------------------------------------------

@@ -39,8 +39,7 @@ def objective_curvature(method: SSLMethod, objective: Callable[[], torch.Tensor]
     ``moved``, at the method's current weights; plus their number and the seconds it took. Every
     process computes all of it; parameters and buffers are restored after each estimate."""
     start = time.time()
-    params = hessian_parameters(method, moved)
-    with local_only(), torch.enable_grad():
+    with local_only(), torch.enable_grad(), hessian_parameters(method, moved) as params:
         with preserved_state(method):  # ssl_step may push to queues: both estimates start from the checkpoint's
             lambda_min, lambda_max = hessian_extremes(objective, params, iters=iters, tol=tol, seed=seed)
         with preserved_state(method):

@@ -114,19 +114,25 @@ def curvature_grid(model: nn.Module, loss_fn: Callable[[], torch.Tensor], moved:
     with respect to the parameters named in ``moved``, at every point of the plane (Li et al. 2018,
     Fig. 7), from hessian_extremes (Lanczos, ``iters`` products at most, the math attention kernel);
     split over ranks and restored as map_grid."""
-    params = hessian_parameters(model, moved)
-
-    def extremes() -> tuple[float, float]:
-        return hessian_extremes(loss_fn, params, iters=iters, tol=tol, seed=seed)
-
-    with torch.enable_grad():
-        return map_grid(model, extremes, d1, d2, alphas, betas, width=2)
+    with torch.enable_grad(), hessian_parameters(model, moved) as params:
+        return map_grid(model, lambda: hessian_extremes(loss_fn, params, iters=iters, tol=tol, seed=seed),
+                        d1, d2, alphas, betas, width=2)
 
 
-def hessian_parameters(model: nn.Module, moved: Collection[str]) -> list[torch.Tensor]:
-    """The parameters named in ``moved`` that require grad: the variables of the curvature. Fixed ones
-    (MAE's sin-cos position embedding) move with the landscape's plane but are constants of the Hessian."""
-    return [p for name, p in model.named_parameters() if name in moved and p.requires_grad]
+@contextmanager
+def hessian_parameters(model: nn.Module, moved: Collection[str]) -> Iterator[list[torch.Tensor]]:
+    """Yields the parameters named in ``moved``, the variables of the curvature: exactly those the
+    landscape's plane moves, including ones that training does not optimise (an EMA teacher evaluated
+    by the probe, MAE's fixed position embedding), which require grad until exit."""
+    params = [p for name, p in model.named_parameters() if name in moved]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield params
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def convexity_ratio(lambda_min: torch.Tensor, lambda_max: torch.Tensor) -> torch.Tensor:

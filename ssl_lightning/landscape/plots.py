@@ -83,8 +83,8 @@ def comparison_plot(grids: dict[str, torch.Tensor], axis: torch.Tensor, path: Pa
     if ratios:
         for ax, (label, ratio) in zip(axes[1], ratios.items()):
             image = _ratio_image(ax, ratio, curvature_axis)
-            ax.set(title=f"{label}: |λmin/λmax|", xlabel="alpha")
-        axes[1][0].set_ylabel("beta")
+            ax.set(title=label, xlabel="alpha")
+        axes[1][0].set_ylabel("beta (|λmin/λmax| map)")
         fig.colorbar(image, ax=list(axes[1]), label="|λmin / λmax|")
     fig.suptitle(title)
     fig.savefig(path, dpi=90)
