@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,9 @@ RUNS = {"MAE": "mae", "RC-MAE": "rcmae", "Sup-ViT": "supervised_vit"}
 EPOCHS, STEPS_PER_EPOCH, BATCH = 4, 30, 128
 
 
-def train(name: str, config: str, out: Path) -> Path:
-    """Fits experiments/fashion_mnist/<config>.yaml in a subprocess; returns its checkpoint dir."""
+def train(name: str, config: str, out: Path, threads: int | None = None) -> Path:
+    """Fits experiments/fashion_mnist/<config>.yaml in a subprocess (with ``threads`` torch threads when
+    given); returns its checkpoint dir."""
     run_dir = out / config
     ckpts = run_dir / "checkpoints"
     if (ckpts / "last.ckpt").is_file():
@@ -43,7 +45,8 @@ def train(name: str, config: str, out: Path) -> Path:
         "--trainer.limit_train_batches", str(STEPS_PER_EPOCH), "--trainer.limit_val_batches", "8",
         "--data.batch_size", str(BATCH), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--spectrum.every_n_epochs", "0", "--knn.every_n_epochs", "0", "--checkpoint.every_n_train_steps", "0",
-        "--checkpoint.keep_every_n_epochs", "1"], check=True)
+        "--checkpoint.keep_every_n_epochs", "1"], check=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None)
     print(f"{name}: trained in {time.time() - start:.0f} s", flush=True)
     return ckpts
 
@@ -97,8 +100,8 @@ def main() -> None:
     parser.add_argument("--figures", default="docs/img")
     parser.add_argument("--stage", choices=("train", "all"), default="all")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for the analysis; 1 on a shared, busy machine, where waiting for a "
-                             "descheduled second thread made an MAE forward 6x slower (2.19 s vs 0.34 s)")
+                        help="torch threads for training and analysis; 1 on a shared, busy machine, where waiting "
+                             "for a descheduled second thread made an MAE forward 6x slower (2.19 s vs 0.34 s)")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -106,7 +109,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     started = time.time()
-    ckpts = {name: train(name, config, out) for name, config in RUNS.items()}
+    ckpts = {name: train(name, config, out, args.threads) for name, config in RUNS.items()}
     timings = {"train_s": time.time() - started}
     if args.stage == "all":
         started = time.time()
