@@ -284,21 +284,26 @@ def test_identical_checkpoints_give_identical_panels(mocov2_ckpt, tmp_path):
 
 def test_hessian_and_compare_commands_write_files_and_wandb_runs(mocov2_ckpt, tmp_path, capsys):
     """`hessian` writes hessian_pretrain.json with the numbers point_curvature gives for the same arguments;
-    `landscape --ckpt A B --labels` writes the comparison figure and table and logs each label's row."""
-    main(["hessian", "--ckpt", mocov2_ckpt, "--batches", "1", "--batch_size", "16", "--seed", "3", "--iters", "3",
+    `landscape --ckpt A B --labels` writes the comparison figure and table and logs each label's row. A copy of
+    the checkpoint in its own run folder keeps these W&B runs apart from the other tests'."""
+    copy = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(Path(mocov2_ckpt).read_bytes())
+    ckpt = str(copy)
+    main(["hessian", "--ckpt", ckpt, "--batches", "1", "--batch_size", "16", "--seed", "3", "--iters", "3",
           "--trace_samples", "2", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "hessian_pretrain.json").read_text())
-    method, data = load_checkpoint(mocov2_ckpt)
+    method, data = load_checkpoint(ckpt)
     direct = point_curvature(method, data, trace_samples=2, **CURVATURE)  # MoCo v2 reads no schedule in ssl_step
     assert written["lambda_max"] == pytest.approx(direct["lambda_max"], rel=1e-6)
     assert written["trace"] == pytest.approx(direct["trace"], rel=1e-6)
     assert "lambda_min" in capsys.readouterr().out
 
-    main(["landscape", "--ckpt", mocov2_ckpt, mocov2_ckpt, "--labels", "a", "b", "--grid", "-1:1:3", "--batches",
+    main(["landscape", "--ckpt", ckpt, ckpt, "--labels", "a", "b", "--grid", "-1:1:3", "--batches",
           "1", "--batch_size", "16", "--out", str(tmp_path / "cmp")])
     assert (tmp_path / "cmp" / "landscape_pretrain_compare.png").is_file()
     assert (tmp_path / "cmp" / "landscape_pretrain_table.csv").read_text().count("\n") == 3
-    runs = [read_offline_run(d) for d in (Path(mocov2_ckpt).parent.parent / "wandb").glob("offline-run-*")]
+    runs = [read_offline_run(d) for d in (Path(ckpt).parent.parent / "wandb").glob("offline-run-*")]
     compare = [r for r in runs if r["config"]["command"] == "landscape" and "eval/landscape/pretrain/a/center"
                in r["summary"]]
     assert len(compare) == 1 and compare[0]["summary"]["eval/landscape/pretrain/compare/_type"] == "image-file"
