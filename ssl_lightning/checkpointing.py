@@ -291,6 +291,8 @@ class LastCheckpoint(ModelCheckpoint):
     (0 = off), at the end of every ``every_n_epochs``-th epoch (0 = off) and at the step that reaches
     trainer.max_steps; PreemptionHandler adds one on SIGUSR1. ``keep_last`` copies are kept
     (last.ckpt, last-1.ckpt, ...; disk: keep_last checkpoints, one more during a save).
+    ``keep_every_n_epochs`` K > 0 also keeps ``<dirpath>/epoch=E.ckpt`` (E = epochs completed) at the
+    end of every K-th epoch, through the same atomic, verified save (none by default).
 
     A ModelCheckpoint subclass so that ``--ckpt_path last`` finds it: "last" means the newest
     checkpoint in dirpath that verifies and loads (newest_valid_checkpoint). Its own save rules
@@ -298,15 +300,17 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0, every_n_epochs: int = 1,
-                 keep_last: int = 2):
-        if every_n_train_steps < 0 or every_n_epochs < 0:
-            raise ValueError(f"checkpoint.every_n_train_steps {every_n_train_steps} and checkpoint.every_n_epochs "
-                             f"{every_n_epochs} must be >= 0 (0 turns that trigger off)")
+                 keep_last: int = 2, keep_every_n_epochs: int = 0):
+        for key, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs),
+                           ("keep_every_n_epochs", keep_every_n_epochs)):
+            if value < 0:
+                raise ValueError(f"checkpoint.{key} {value} must be >= 0 (0 turns that trigger off)")
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last {keep_last} must be >= 1; use 2 or more so that one failed "
                              "save still leaves a valid checkpoint")
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
         self.every_steps, self.every_epochs, self.keep_last = every_n_train_steps, every_n_epochs, keep_last
+        self.keep_every_epochs = keep_every_n_epochs
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -340,9 +344,13 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.fit_loop.epoch_loop.batch_progress.current.processed < trainer.num_training_batches:
             return  # stopped mid-epoch (preemption): an epoch-end save would mark the epoch as finished
-        if self.every_epochs and (trainer.current_epoch + 1) % self.every_epochs == 0:
+        epochs_done = trainer.current_epoch + 1
+        if self.every_epochs and epochs_done % self.every_epochs == 0:
             self._last_global_step_saved = -1  # the epoch-end state (loop counters) differs from the step save
             self._save_last(trainer)
+        if self.keep_every_epochs and epochs_done % self.keep_every_epochs == 0 and not trainer.fast_dev_run:
+            trainer.save_checkpoint(str(Path(self.dirpath) / f"epoch={epochs_done}{self.FILE_EXTENSION}"),
+                                    weights_only=False)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         pass

@@ -1,6 +1,7 @@
 """``ssl-lightning fit|validate --config experiments/<dataset>/<method>.yaml [--key value ...]``,
 ``ssl-lightning linear|knn --ckpt <checkpoint>`` (offline evaluation, see ssl_lightning.eval.commands),
 ``ssl-lightning export --ckpt <checkpoint> --out DIR`` (the backbone as safetensors, see ssl_lightning.export).
+``ssl-lightning landscape|hessian --ckpt <checkpoint>`` (loss landscapes and curvature, ssl_lightning.landscape).
 
 Built on LightningCLI: every Trainer, model and data option is settable from YAML or the command
 line, ``--print_config`` shows the resolved config. ``model.class_path`` takes a registry name
@@ -257,6 +258,11 @@ def run_command(args: list[str] | None = None) -> None:
         from ssl_lightning.export import main as export_main
 
         export_main(argv[1:])
+        return
+    if argv and argv[0] == "hessian":
+        from ssl_lightning.landscape.hessian_command import main as hessian_main
+
+        hessian_main(argv[1:])
         return
     if argv and argv[0] in EVAL_COMMANDS:
         from ssl_lightning.eval.commands import main as eval_main

@@ -1,6 +1,7 @@
 """Loss landscape: filter-normalised directions, an exact paraboloid, the centre point is the checkpoint's
-loss, weights and buffers come back bit for bit, 2 gloo ranks give the 1-process grid, and the command
-writes its files and W&B run.
+loss, weights and buffers come back bit for bit (after the Hessian's curvature too), 2 gloo ranks give the
+1-process loss and curvature grids, identical checkpoints give identical comparison panels, and the
+command writes its files and W&B run.
 
 The checkpoint is a tiny MoCo v2 (2 training steps): its ssl_step pushes keys into the queue (a buffer),
 so a grid that did not restore buffers between points would show it at the centre point, which is
@@ -20,18 +21,21 @@ from helpers import tiny_data, tiny_trainer
 from ssl_lightning.cli import main
 from ssl_lightning.distributed import rank
 from ssl_lightning.eval.features import build_datamodule, load_method
-from ssl_lightning.landscape import filter_normalized_direction, loss_grid, method_landscape, parse_grid
+from ssl_lightning.landscape import filter_normalized_direction, landscape, loss_grid, method_landscape, parse_grid
+from ssl_lightning.landscape.curvature import method_curvature, point_curvature
 from ssl_lightning.landscape.objectives import (
     at_checkpoint_step,
     fixed_labelled_images,
-    fixed_training_views,
+    fixed_training_batches,
     perturbed_parameters,
 )
-from ssl_lightning.methods import MAE, MoCoV2, VICReg
+from ssl_lightning.methods import MAE, RCMAE, MoCoV2, VICReg
 from ssl_lightning.wandb_offline import read_offline_run
 
 AXIS = "-0.5:0.5:3"
 FIXED = dict(num_batches=2, batch_size=32, seed=3)
+CURVATURE = dict(iters=3, tol=1e-3, num_batches=1, batch_size=16, seed=3)  # 3 Lanczos steps: cost, not accuracy
+CURVATURE_AXIS = "0:0.5:2"  # 2 x 2 points: each is a Lanczos run
 
 
 def test_every_filter_of_the_direction_has_its_weights_norm():
@@ -101,7 +105,7 @@ def test_centre_is_the_checkpoints_loss_and_weights_are_unchanged(mocov2_ckpt):
     assert all(torch.equal(before[k], after[k]) for k in before), "parameters and queue are restored bit for bit"
     assert method._trainer is None, "the checkpoint clock is detached"
 
-    views = fixed_training_views(build_datamodule(data), **FIXED)
+    views = [batch for batch, _ in fixed_training_batches(build_datamodule(data), **FIXED)]
     losses = []
     with torch.no_grad():
         for i, batch in enumerate(views):
@@ -157,7 +161,7 @@ def test_mae_landscape_holds_its_masks_fixed(tmp_path):
     first = method_landscape(method, hparams, parse_grid(AXIS), **FIXED)
     again = method_landscape(method, hparams, parse_grid(AXIS), **FIXED)
     assert torch.equal(first, again), "same command, same surface"
-    views = fixed_training_views(build_datamodule(hparams), **FIXED)
+    views = [batch for batch, _ in fixed_training_batches(build_datamodule(hparams), **FIXED)]
     with torch.no_grad():
         seeded = []
         for i, batch in enumerate(views):
@@ -169,27 +173,54 @@ def test_mae_landscape_holds_its_masks_fixed(tmp_path):
     assert (first != first[1, 1]).sum() >= 7
 
 
+
+def test_probe_curvature_covers_the_evaluated_backbone_even_when_not_trained():
+    """The probe landscape moves the evaluated backbone and the probe; its Hessian has exactly those
+    variables: RC-MAE's EMA teacher (no gradient in training) and the fixed sin-cos position embedding
+    included, so MAE and RC-MAE probe curvatures are over the same kind and number of parameters. Their
+    requires_grad flags are as before afterwards."""
+    data = tiny_data(views=[{"size": 16, "scale": (0.5, 1.0)}])
+    torch.manual_seed(0)
+    method = RCMAE(backbone="vit_tiny", backbone_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2},
+                   decoder_dim=32, decoder_depth=1, decoder_heads=2, num_classes=data.num_classes,
+                   in_chans=data.channels, image_size=data.image_size, batch_size=data.hparams.batch_size).eval()
+    flags = {n: p.requires_grad for n, p in method.named_parameters()}
+    result = point_curvature(method, dict(data.hparams), loss="probe", trace_samples=2, **CURVATURE)
+    teacher = method.evaluated_modules()[0]
+    assert teacher is method.teacher["backbone"] and not any(p.requires_grad for p in teacher.parameters())
+    assert result["parameters"] == sum(p.numel() for m in (teacher, method.probe) for p in m.parameters())
+    assert result["parameters"] > 10 * sum(p.numel() for p in method.probe.parameters())
+    assert {n: p.requires_grad for n, p in method.named_parameters()} == flags
+    assert math.isfinite(result["lambda_max"]) and result["lambda_max"] > 0
+
+
 # ---- distributed ---------------------------------------------------------------------------------------
 def landscape_on_rank(rank_: int, world: int, ckpt: str) -> dict:
     method, data = load_method(ckpt)
     grid = method_landscape(method, data, parse_grid(AXIS), **FIXED)
+    curvature = method_curvature(method, data, parse_grid(CURVATURE_AXIS), **CURVATURE)
     calls = []
     model = nn.Linear(2, 2)
     loss_grid(model, lambda: float(calls.append(rank()) or 0.0), *[filter_normalized_direction(model, seed=s)
                                                                      for s in (0, 1)], *[parse_grid(AXIS)] * 2)
-    return {"grid": grid, "points_evaluated": len(calls)}
+    return {"grid": grid, "curvature": curvature, "points_evaluated": len(calls)}
 
 
 @pytest.mark.distributed
 def test_two_ranks_give_the_one_process_grid(mocov2_ckpt, tmp_path):
     """Rank 0 evaluates points 0, 2, 4, 6, 8 and rank 1 points 1, 3, 5, 7 of the 3 x 3 grid; both end
-    with the full grid. Tolerance 1e-5 relative: the ranks run on 1 thread, this process on 2."""
+    with the full grid; likewise for the 2 x 2 (lambda_min, lambda_max) curvature map. Tolerance 1e-5
+    relative for the loss, 1e-4 for the eigenvalues (Lanczos amplifies rounding): the ranks run on 1
+    thread, this process on 2."""
     method, data = load_method(mocov2_ckpt)
     single = method_landscape(method, data, parse_grid(AXIS), **FIXED)
+    single_curvature = method_curvature(method, data, parse_grid(CURVATURE_AXIS), **CURVATURE)
     ranks = run_distributed(landscape_on_rank, mocov2_ckpt, out_dir=tmp_path)
     assert [r["points_evaluated"] for r in ranks] == [5, 4]
-    assert torch.equal(ranks[0]["grid"], ranks[1]["grid"])
+    assert torch.equal(ranks[0]["grid"], ranks[1]["grid"]) and torch.equal(ranks[0]["curvature"],
+                                                                            ranks[1]["curvature"])
     torch.testing.assert_close(ranks[0]["grid"], single, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ranks[0]["curvature"], single_curvature, rtol=1e-4, atol=1e-6)
 
 
 # ---- the command ----------------------------------------------------------------------------------------
@@ -211,3 +242,69 @@ def test_command_writes_npz_plots_summary_and_wandb_run(mocov2_ckpt, capsys):
     assert math.isclose(run["summary"]["eval/landscape/pretrain/center"], summary["center"])
     for kind in ("contour", "surface"):
         assert run["summary"][f"eval/landscape/pretrain/{kind}/_type"] == "image-file"
+
+
+# ---- curvature and comparison ---------------------------------------------------------------------------
+
+
+def test_curvature_restores_weights_and_queue(mocov2_ckpt):
+    """The Hessian of MoCo v2's loss (its ssl_step pushes to the queue buffer at every call) leaves every
+    parameter and buffer as it was, bit for bit, and its extremes bracket the trace's average eigenvalue."""
+    method, data = load_method(mocov2_ckpt)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    result = point_curvature(method, data, trace_samples=4, **CURVATURE)
+    grid = method_curvature(method, data, parse_grid(CURVATURE_AXIS), **CURVATURE)
+    after = method.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    print({k: round(v, 4) for k, v in result.items()})
+    assert result["lambda_min"] <= result["trace"] / result["parameters"] <= result["lambda_max"]
+    assert result["ratio"] == pytest.approx(abs(result["lambda_min"] / result["lambda_max"]))
+    assert grid.shape == (2, 2, 2) and (grid[..., 0] <= grid[..., 1]).all()
+    assert grid[0, 0, 1] == pytest.approx(result["lambda_max"], rel=1e-6), "same objective, seed and Lanczos start"
+
+
+def test_identical_checkpoints_give_identical_panels(mocov2_ckpt, tmp_path):
+    """Two copies of one checkpoint in one comparison: the same grid, direction seeds, batches and masks,
+    so both panels, curvature maps and table rows are equal bit for bit; one figure and a 2-row table."""
+    copy = tmp_path / "copy" / "checkpoints" / "last.ckpt"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(Path(mocov2_ckpt).read_bytes())
+    rows, paths = landscape([mocov2_ckpt, str(copy)], grid=AXIS, curvature=CURVATURE_AXIS, out=tmp_path / "cmp",
+                            trace_samples=2, **CURVATURE)
+    first, second = (np.load(paths[f"{label}/npz"]) for label in (rows[0]["label"], rows[1]["label"]))
+    for key in ("losses", "lambda_min_map", "lambda_max_map"):
+        assert np.array_equal(first[key], second[key]), key
+    numbers = ("center", "flatness", "convex_fraction", "lambda_max", "lambda_min", "trace")
+    assert all(rows[0][k] == rows[1][k] for k in numbers)
+    assert rows[0]["label"] != rows[1]["label"] and 0 <= rows[0]["convex_fraction"] <= 1
+    table = paths["table_csv"].read_text().splitlines()
+    assert len(table) == 3 and table[0].startswith("label,center,flatness,convex_fraction,lambda_max")
+    assert paths["compare"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hessian_and_compare_commands_write_files_and_wandb_runs(mocov2_ckpt, tmp_path, capsys):
+    """`hessian` writes hessian_pretrain.json with the numbers point_curvature gives for the same arguments;
+    `landscape --ckpt A B --labels` writes the comparison figure and table and logs each label's row. A copy of
+    the checkpoint in its own run folder keeps these W&B runs apart from the other tests'."""
+    copy = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(Path(mocov2_ckpt).read_bytes())
+    ckpt = str(copy)
+    main(["hessian", "--ckpt", ckpt, "--batches", "1", "--batch_size", "16", "--seed", "3", "--iters", "3",
+          "--trace_samples", "2", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "hessian_pretrain.json").read_text())
+    method, data = load_method(ckpt)
+    direct = point_curvature(method, data, trace_samples=2, **CURVATURE)  # MoCo v2 reads no schedule in ssl_step
+    assert written["lambda_max"] == pytest.approx(direct["lambda_max"], rel=1e-6)
+    assert written["trace"] == pytest.approx(direct["trace"], rel=1e-6)
+    assert "lambda_min" in capsys.readouterr().out
+
+    main(["landscape", "--ckpt", ckpt, ckpt, "--labels", "a", "b", "--grid", "-1:1:3", "--batches",
+          "1", "--batch_size", "16", "--out", str(tmp_path / "cmp")])
+    assert (tmp_path / "cmp" / "landscape_pretrain_compare.png").is_file()
+    assert (tmp_path / "cmp" / "landscape_pretrain_table.csv").read_text().count("\n") == 3
+    runs = [read_offline_run(d) for d in (Path(ckpt).parent.parent / "wandb").glob("offline-run-*")]
+    compare = [r for r in runs if r["config"]["command"] == "landscape" and "eval/landscape/pretrain/a/center"
+               in r["summary"]]
+    assert len(compare) == 1 and compare[0]["summary"]["eval/landscape/pretrain/compare/_type"] == "image-file"
+    assert any(r["config"]["command"] == "hessian" and "eval/hessian/pretrain/trace" in r["summary"] for r in runs)

@@ -2,7 +2,7 @@
 and a loss evaluated on the plane theta(a, b) = theta* + a d1 + b d2, split over ranks."""
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ssl_lightning.distributed import all_reduce_no_grad, local_only, rank, world_size
+from ssl_lightning.landscape.hessian import hessian_extremes
 
 Direction = dict[str, torch.Tensor]
 
@@ -76,24 +77,74 @@ def move_to(model: nn.Module, theta: dict[str, torch.Tensor], d1: Direction, d2:
         p.copy_(theta[name] + a * d1[name] + b * d2[name])
 
 
-def loss_grid(model: nn.Module, loss_fn: Callable[[], float], d1: Direction, d2: Direction,
-              alphas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
-    """(len(alphas), len(betas)) float64 matrix of ``loss_fn()`` at theta* + a d1 + b d2.
+def map_grid(model: nn.Module, point_fn: Callable[[], Sequence[float]], d1: Direction, d2: Direction,
+             alphas: torch.Tensor, betas: torch.Tensor, *, width: int = 1) -> torch.Tensor:
+    """(len(alphas), len(betas), width) float64: the ``width`` numbers ``point_fn()`` returns at
+    theta* + a d1 + b d2.
 
     Every point starts from the model's parameters AND buffers as they were on entry (ssl_step may
     push to queues or move centers), and the model holds them again on exit. In a process group,
     rank r evaluates the flat points r, r + W, ... on whole batches (collectives are local inside
-    loss_fn) and every rank returns the full grid (sum of zero-filled matrices).
+    point_fn) and every rank returns the full grid (sum of zero-filled tensors). Runs in the caller's
+    grad mode (the curvature map differentiates at every point).
     """
-    losses = torch.zeros(len(alphas), len(betas), dtype=torch.float64)
+    values = torch.zeros(len(alphas), len(betas), width, dtype=torch.float64)
     ranks, me = world_size(), rank()
-    with preserved_state(model) as saved, local_only(), torch.no_grad():
-        for k in range(me, losses.numel(), ranks):
+    with preserved_state(model) as saved, local_only():
+        for k in range(me, values[..., 0].numel(), ranks):
             i, j = divmod(k, len(betas))
             move_to(model, saved, d1, d2, float(alphas[i]), float(betas[j]))
-            losses[i, j] = loss_fn()
+            values[i, j] = torch.as_tensor(point_fn(), dtype=torch.float64).reshape(width)
             restore(model, saved)
-    return all_reduce_no_grad(losses.to(_collective_device())).cpu()
+    return all_reduce_no_grad(values.to(_collective_device())).cpu()
+
+
+def loss_grid(model: nn.Module, loss_fn: Callable[[], float | torch.Tensor], d1: Direction, d2: Direction,
+              alphas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """(len(alphas), len(betas)) float64 matrix of ``loss_fn()`` at theta* + a d1 + b d2, without
+    gradients, split over ranks as map_grid."""
+    with torch.no_grad():
+        return map_grid(model, lambda: [float(loss_fn())], d1, d2, alphas, betas)[..., 0]
+
+
+def curvature_grid(model: nn.Module, loss_fn: Callable[[], torch.Tensor], moved: Collection[str], d1: Direction,
+                   d2: Direction, alphas: torch.Tensor, betas: torch.Tensor, *, iters: int = 20, tol: float = 1e-3,
+                   seed: int = 0) -> torch.Tensor:
+    """(len(alphas), len(betas), 2) float64: (lambda_min, lambda_max) of the Hessian of ``loss_fn()``
+    with respect to the parameters named in ``moved``, at every point of the plane (Li et al. 2018,
+    Fig. 7), from hessian_extremes (Lanczos, ``iters`` products at most, the math attention kernel);
+    split over ranks and restored as map_grid."""
+    with torch.enable_grad(), hessian_parameters(model, moved) as params:
+        return map_grid(model, lambda: hessian_extremes(loss_fn, params, iters=iters, tol=tol, seed=seed),
+                        d1, d2, alphas, betas, width=2)
+
+
+@contextmanager
+def hessian_parameters(model: nn.Module, moved: Collection[str]) -> Iterator[list[torch.Tensor]]:
+    """Yields the parameters named in ``moved``, the variables of the curvature: exactly those the
+    landscape's plane moves, including ones that training does not optimise (an EMA teacher evaluated
+    by the probe, MAE's fixed position embedding), which require grad until exit."""
+    params = [p for name, p in model.named_parameters() if name in moved]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield params
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def convexity_ratio(lambda_min: torch.Tensor, lambda_max: torch.Tensor) -> torch.Tensor:
+    """|lambda_min / lambda_max| elementwise (Li et al.'s map): near 0 where the surface is locally
+    convex or nearly so, 1 or more where negative curvature is as strong as the positive."""
+    return (lambda_min / lambda_max).abs()
+
+
+def convex_fraction(lambda_min: torch.Tensor, lambda_max: torch.Tensor, *, tolerance: float = 0.1) -> float:
+    """Fraction of points that are locally convex up to ``tolerance``: lambda_min >= -tolerance x
+    |lambda_max| (no negative curvature, or negative curvature below tolerance x the positive one)."""
+    return float((lambda_min >= -tolerance * lambda_max.abs()).double().mean())
 
 
 def _collective_device() -> torch.device:

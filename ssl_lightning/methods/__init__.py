@@ -10,6 +10,7 @@ from ssl_lightning.methods.mocov3 import MoCoV3
 from ssl_lightning.methods.rcmae import RCMAE
 from ssl_lightning.methods.simclr import SimCLR
 from ssl_lightning.methods.st import SpectralTransform
+from ssl_lightning.methods.supervised import Supervised
 from ssl_lightning.methods.swav import SwAV
 from ssl_lightning.methods.vicreg import VICReg
 from ssl_lightning.methods.wmse import WMSE
@@ -26,6 +27,7 @@ METHODS: dict[str, type[SSLMethod]] = {
     "rcmae": RCMAE,
     "simclr": SimCLR,
     "st": SpectralTransform,
+    "supervised": Supervised,
     "swav": SwAV,
     "vicreg": VICReg,
     "wmse": WMSE,
@@ -39,4 +41,4 @@ def method_class(name: str) -> type[SSLMethod]:
 
 
 __all__ = ["METHODS", "BYOL", "BarlowTwins", "DINO", "INTL", "INTLM", "MAE", "MoCoV2", "MoCoV3", "RCMAE", "SSLMethod",
-           "SSLOutput", "SimCLR", "SpectralTransform", "SwAV", "VICReg", "WMSE", "method_class"]
+           "SSLOutput", "SimCLR", "SpectralTransform", "Supervised", "SwAV", "VICReg", "WMSE", "method_class"]

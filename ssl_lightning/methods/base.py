@@ -2,6 +2,8 @@
 
 A method subclasses SSLMethod, builds its heads in __init__ and implements ``ssl_step(views)``
 returning an SSLOutput (loss, backbone features of the first view for the probe, terms to log).
+A method that learns from the labels (the supervised baseline) sets ``uses_labels`` and implements
+``ssl_step(views, labels)``.
 Monitoring lives in callbacks; math lives in ssl_lightning.losses.
 """
 from __future__ import annotations
@@ -36,6 +38,8 @@ class SSLMethod(pl.LightningModule):
     ``fit`` (in place, so checkpoints keep their keys). ``on_nonfinite``: a non-finite loss stops the
     fit with FloatingPointError ("stop"), or ("skip") skips that optimizer step, leaving weights and
     optimizer state untouched, up to ``max_nonfinite_skips`` times per fit, then stops."""
+
+    uses_labels: bool = False  # ssl_step(views, labels) instead of ssl_step(views)
 
     def __init__(
         self,
@@ -73,6 +77,10 @@ class SSLMethod(pl.LightningModule):
     # ---- what a method implements -------------------------------------------------------
     def ssl_step(self, views: list[torch.Tensor]) -> SSLOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement ssl_step(views)")
+
+    def objective(self, views: list[torch.Tensor], labels: torch.Tensor) -> SSLOutput:
+        """The training objective on one batch: ssl_step, given the labels where the method learns from them."""
+        return self.ssl_step(views, labels) if self.uses_labels else self.ssl_step(views)
 
     def evaluated_modules(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         """(backbone, projector or None): the network that forward(), the monitors and offline
@@ -135,7 +143,7 @@ class SSLMethod(pl.LightningModule):
 
     def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch
-        out = self.ssl_step([self._prepare(v) for v in views])
+        out = self.objective([self._prepare(v) for v in views], labels)
         if self._nonfinite(out.loss):
             return None  # Lightning then steps no parameter: no gradient reaches the optimizer
         self.log("train/loss", out.loss, prog_bar=True)

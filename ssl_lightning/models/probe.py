@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ssl_lightning.losses.supervised import labelled_cross_entropy
 
 
 class LinearProbe(nn.Module):
@@ -20,7 +21,11 @@ class LinearProbe(nn.Module):
         self.linear = nn.Linear(feature_dim, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm(features.detach().float()))
+        return self.logits(features.detach())
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The probe's map WITHOUT the detach: what the loss landscape and its Hessian differentiate."""
+        return self.linear(self.norm(features.float()))
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean cross-entropy over the labelled samples, their logits, their labels).
@@ -31,6 +36,4 @@ class LinearProbe(nn.Module):
         """
         logits = self(features)
         labelled = labels >= 0
-        per_sample = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
-        loss = (per_sample * labelled).sum() / labelled.sum().clamp(min=1)
-        return loss, logits[labelled], labels[labelled]
+        return labelled_cross_entropy(logits, labels), logits[labelled], labels[labelled]
