@@ -11,6 +11,7 @@ model's view of the data (classes, channels, image size, global batch).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -242,32 +243,25 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(3) from None
 
 
+# Commands outside LightningCLI: name -> (module, function taking the remaining arguments)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "submit": ("ssl_lightning.slurm", "main"),
+    "landscape": ("ssl_lightning.landscape", "main"),
+    "hessian": ("ssl_lightning.landscape.hessian_command", "main"),
+    "export": ("ssl_lightning.export", "main"),
+    **{name: ("ssl_lightning.eval.commands", "main") for name in EVAL_COMMANDS},
+}
+
+
 def run_command(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "submit":
-        from ssl_lightning.slurm import main as submit_main
-
-        submit_main(argv[1:])
-        return
-    if argv and argv[0] == "landscape":
-        from ssl_lightning.landscape import main as landscape_main
-
-        landscape_main(argv[1:])
-        return
-    if argv and argv[0] == "export":
-        from ssl_lightning.export import main as export_main
-
-        export_main(argv[1:])
-        return
-    if argv and argv[0] == "hessian":
-        from ssl_lightning.landscape.hessian_command import main as hessian_main
-
-        hessian_main(argv[1:])
-        return
-    if argv and argv[0] in EVAL_COMMANDS:
-        from ssl_lightning.eval.commands import main as eval_main
-
-        eval_main(argv[0], argv[1:])
+    if argv and argv[0] in COMMANDS:
+        module, function = COMMANDS[argv[0]]
+        command = getattr(importlib.import_module(module), function)  # imported only when used: fast start-up
+        if argv[0] in EVAL_COMMANDS:  # one entry point for linear, knn and finetune
+            command(argv[0], argv[1:])
+        else:
+            command(argv[1:])
         return
     SSLCLI(args=args)
 
