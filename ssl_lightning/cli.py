@@ -154,6 +154,11 @@ def main(args: list[str] | None = None) -> None:
 
         submit_main(argv[1:])
         return
+    if argv and argv[0] == "results":
+        from ssl_lightning.results import main as results_main
+
+        results_main(argv[1:])
+        return
     if argv and argv[0] == "landscape":
         from ssl_lightning.landscape import main as landscape_main
 
