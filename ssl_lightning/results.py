@@ -62,9 +62,10 @@ def collect(root: Path) -> list[dict]:
     return sorted((load_run(d) for d in dirs), key=lambda r: r["name"])
 
 
-def point_label(row: dict) -> str:
-    """config and grid values: 'vicreg var_weight=0 cov_weight=1'."""
-    return " ".join([row["config"]] + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row["overrides"].items()])
+def point_label(row: dict, leave_out: str | None = None) -> str:
+    """config and grid values (but leave_out): 'vicreg var_weight=0 cov_weight=1'."""
+    values = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row["overrides"].items() if k != leave_out]
+    return " ".join([row["config"], *values])
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -99,17 +100,18 @@ def _format(value: float) -> str:
 def markdown_table(groups: list[dict]) -> str:
     """The grouped table: point, seeds, statuses, mean +- std of each metric any group has."""
     names = [m for m in TABLE_METRICS if any(m in g["metrics"] for g in groups)]
-    lines = ["| grid point | runs | status | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
+    header = ["grid point", "runs", "status", *names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
         status = ", ".join(f"{n} {s}" for s, n in sorted(g["status"].items()))
-        cells = []
+        cells = [g["point"], str(len(g["runs"])), status]
         for name in names:
             if name in g["metrics"]:
                 mean, std, n = g["metrics"][name]
                 cells.append(f"{_format(mean)} ± {_format(std)}" + (f" (n={n})" if n < len(g["runs"]) else ""))
             else:
                 cells.append("–")
-        lines.append(f"| {g['point']} | {len(g['runs'])} | {status} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
     problems = [r for r in (r for g in groups for r in g["runs"]) if r["status"] not in MEASURED]
     if problems:
         lines += ["", "Runs not in the means:"]
@@ -161,8 +163,7 @@ def plot(groups: list[dict], metric: str, x_key: str, path: Path) -> None:
         if key is None:
             references.append((g["point"], mean, std))
             continue
-        others = " ".join([g["config"]] + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["overrides"].items() if k != key])
-        lines.setdefault(others, []).append((_number(g["overrides"][key]), mean, std))
+        lines.setdefault(point_label(g, leave_out=key), []).append((_number(g["overrides"][key]), mean, std))
     if not lines and not references:
         raise ValueError(f"no finished run has {metric}; metrics: {', '.join(TABLE_METRICS)}")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))

@@ -139,7 +139,8 @@ def job_name(args: argparse.Namespace) -> str:
     if args.job_name:
         return args.job_name
     first = args.config[0]
-    return f"{first.parent.name}-{first.stem}" if len(args.config) == 1 and not args.grid else f"{first.parent.name}-sweep"
+    single = len(args.config) == 1 and not args.grid
+    return f"{first.parent.name}-{first.stem}" if single else f"{first.parent.name}-sweep"
 
 
 def plan(args: argparse.Namespace) -> tuple[Path, list[sweep.Task]]:
@@ -176,7 +177,8 @@ def render(args: argparse.Namespace, root: Path, tasks: list[sweep.Task]) -> str
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssl-lightning submit", description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, nargs="+", required=True, help="one or more YAML configs (several: job array)")
+    p.add_argument("--config", type=Path, nargs="+", required=True,
+                   help="one or more YAML configs (several: job array)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a config key and its values (repeatable): one task per point of the Cartesian product")
     p.add_argument("--nodes", type=int, default=1)
@@ -190,7 +192,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--default-seed", type=int, default=0, help="seed when --seeds is not given")
     p.add_argument("--signal-seconds", type=int, default=120, help="SIGUSR1 this long before the time limit")
     p.add_argument("--job-name", default=None,
-                   help="the sweep's name: runs/<name> and the W&B group (default: <dataset>-<method> or <dataset>-sweep)")
+                   help="the sweep's name: runs/<name> and the W&B group "
+                        "(default: <dataset>-<method>, or <dataset>-sweep for several configs or a grid)")
     p.add_argument("--runs", default="runs", help="parent of the run directory runs/<job name>")
     p.add_argument("--max-array", type=int, default=1000, help="refuse sweeps with more tasks than this")
     p.add_argument("--local", action="store_true", help="run the tasks one after another here, without SLURM")

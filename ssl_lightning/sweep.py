@@ -17,7 +17,7 @@ import argparse
 import contextlib
 import io
 import itertools
-import json
+import logging
 import os
 import re
 import shlex
@@ -131,6 +131,9 @@ def parse_error(argv: list[str]) -> str | None:
             raise Parsed  # stop after parsing and validation: no model, data, run directory or W&B id
 
     stderr = io.StringIO()
+    seed_log = logging.getLogger("lightning_fabric.utilities.seed")  # "Seed set to 0" per parse
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             ParseOnly(args=["fit", *argv])
@@ -139,6 +142,8 @@ def parse_error(argv: list[str]) -> str | None:
     except SystemExit:
         text = stderr.getvalue()
         return text[text.find("error:"):].removeprefix("error:").strip() if "error:" in text else text.strip()
+    finally:
+        seed_log.setLevel(level)
     return None
 
 

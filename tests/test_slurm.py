@@ -146,17 +146,19 @@ def test_preempted_job_requeues_and_resumes_in_the_same_wandb_run(tmp_path):
 @pytest.mark.slow
 @needs_cluster
 def test_grid_array_ends_with_a_complete_results_table_equal_to_local_runs(tmp_path, capsys):
-    grid = ["--config", str(tiny_config(tmp_path, 2)), "--gpus-per-node", "0", "--cpus-per-task", "1", "--job-name", "abl", "--eval", "linear,knn",
+    grid = ["--config", str(tiny_config(tmp_path, 2)), "--gpus-per-node", "0", "--cpus-per-task", "1",
+            "--job-name", "abl", "--eval", "linear,knn",
             "--eval-train-samples", "64", "--eval-epochs", "2"]
     job = submit(*grid, "--grid", "model.init_args.var_weight=0,25", "--seeds", "0", "1", "--time", "10",
                  "--runs", str(tmp_path / "slurm"))
     root = tmp_path / "slurm" / "abl"
-    wait_for(lambda: job_state(job) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"), 400, f"array {job}")
+    queued = lambda: subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+    wait_for(lambda: not queued(), 400, f"every task of array {job}")
     names = [f"tiny-var_weight={w}-seed{s}" for w in (0, 25) for s in (0, 1)]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == names
     # one of its tasks again on this machine (--local; a single task runs in the sweep directory itself)
-    local = subprocess.run([sys.executable, "-m", "ssl_lightning", "submit", *grid, "--grid",
-                            "model.init_args.var_weight=25", "--seeds", "1", "--local", "--runs", str(tmp_path / "local")],
+    local = subprocess.run([sys.executable, "-m", "ssl_lightning", "submit", *grid, "--local", "--grid",
+                            "model.init_args.var_weight=25", "--seeds", "1", "--runs", str(tmp_path / "local")],
                            capture_output=True, text=True, cwd=ROOT)
     assert local.returncode == 0, local.stderr[-2000:]
     assert "[1/1] tiny-var_weight=25-seed1: finished" in local.stdout

@@ -6,7 +6,6 @@ test_slurm.py.
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 import pytorch_lightning as pl
 
 from ssl_lightning import results, slurm, sweep
-from ssl_lightning.callbacks import PreemptionHandler
 from ssl_lightning.callbacks.summary import read_summary, write_json
 from ssl_lightning.cli import SSLCLI
 
@@ -155,34 +153,31 @@ def tiny_fit(run_dir: Path, *extra: str) -> None:
     SSLCLI(args=["fit", "--config", str(config), "--trainer.default_root_dir", str(run_dir), *extra])
 
 
-def test_every_fit_writes_a_summary_finished_preempted_or_failed(tmp_path):
-    tiny_fit(tmp_path / "done")
-    done = read_summary(tmp_path / "done")
-    assert (done["status"], done["step"], done["method"], done["seed"]) == ("finished", STEPS, "VICReg", 0)
+def test_every_fit_writes_a_summary_finished_preempted_collapsed_or_failed(tmp_path):
+    # the collapse alarm (RankMe below an impossible 1000 on a 32-d projector) makes a fit "collapsed"
+    tiny_fit(tmp_path / "collapsed", "--spectrum.min_rankme", "1000")
+    collapsed = read_summary(tmp_path / "collapsed")
+    assert (collapsed["status"], collapsed["step"], collapsed["method"], collapsed["seed"]) == \
+        ("collapsed", STEPS, "VICReg", 0)
     for name in ("probe/val_top1", "knn/top1", "rank/projector_rankme", "rank/backbone_rankme", "train/loss"):
-        assert name in done["final"], name
-    assert done["best"]["probe/val_top1"] >= done["final"]["probe/val_top1"]
-    assert done["checkpoint"].endswith("last.ckpt") and done["wall_seconds"] > 0
+        assert name in collapsed["final"], name
+    assert collapsed["best"]["probe/val_top1"] >= collapsed["final"]["probe/val_top1"]
+    assert collapsed["checkpoint"].endswith("last.ckpt") and collapsed["wall_seconds"] > 0
 
     tiny_fit(tmp_path / "preempted", "--trainer.callbacks+=test_sweep.AtStep")
     preempted = read_summary(tmp_path / "preempted")
     assert (preempted["status"], preempted["step"]) == ("preempted", 2), "stopped at the warning signal's step"
-
-    with pytest.raises(RuntimeError, match="loss exploded"):
-        tiny_fit(tmp_path / "failed", "--trainer.callbacks+=test_sweep.AtStep",
-                 "--trainer.callbacks.init_args.action=raise")
-    failed = read_summary(tmp_path / "failed")
-    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: loss exploded (a test)"
-
     # a requeued fit continues the preempted one: finished at the planned step, wall time summed
     tiny_fit(tmp_path / "preempted", "--ckpt_path", "last")
     resumed = read_summary(tmp_path / "preempted")
     assert (resumed["status"], resumed["step"]) == ("finished", STEPS)
     assert resumed["wall_seconds"] > preempted["wall_seconds"]
 
-    # the collapse alarm (RankMe below an impossible 1000 on a 32-d projector) makes it "collapsed"
-    tiny_fit(tmp_path / "collapsed", "--spectrum.min_rankme", "1000")
-    assert read_summary(tmp_path / "collapsed")["status"] == "collapsed"
+    with pytest.raises(RuntimeError, match="loss exploded"):
+        tiny_fit(tmp_path / "failed", "--trainer.callbacks+=test_sweep.AtStep",
+                 "--trainer.callbacks.init_args.action=raise")
+    failed = read_summary(tmp_path / "failed")
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: loss exploded (a test)"
 
 
 def test_finish_marks_failed_exits_and_evaluates_finished_fits_once(tmp_path, monkeypatch):
