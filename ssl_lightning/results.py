@@ -40,7 +40,7 @@ def load_run(run_dir: Path) -> dict:
         if key in summary:
             metrics[key] = summary[key]
     return {"name": task.get("name") or run_dir.name, "run_dir": str(run_dir),
-            "config": Path(task.get("config", "")).stem or summary.get("method", "?"),
+            "config": task.get("label") or summary.get("method", "?"),
             "overrides": task.get("overrides", {}),
             "seed": task.get("seed") if task.get("seed") is not None else summary.get("seed"),
             "status": summary.get("status", "pending"),

@@ -41,6 +41,7 @@ class Task:
     config: Path
     overrides: dict[str, str] = field(default_factory=dict)
     seed: int | None = None
+    label: str = ""  # the config's name in run names and tables: its file name, or dir-file when two share it
     name: str = ""
     run_dir: Path = Path()
 
@@ -96,25 +97,32 @@ def short_keys(keys: list[str]) -> dict[str, str]:
     return short
 
 
-def task_name(config: Path, overrides: dict[str, str], seed: int | None, short: dict[str, str]) -> str:
+def config_labels(configs: list[Path]) -> dict[Path, str]:
+    """vicreg.yaml -> 'vicreg'; two configs named vicreg.yaml -> 'fashion_mnist-vicreg', 'cifar10-vicreg'."""
+    stems = [c.stem for c in configs]
+    return {c: c.stem if stems.count(c.stem) == 1 else f"{c.parent.name}-{c.stem}" for c in configs}
+
+
+def task_name(label: str, overrides: dict[str, str], seed: int | None, short: dict[str, str]) -> str:
     """``vicreg-var_weight=0-cov_weight=1-seed2``: readable, and the same every time it is derived."""
-    parts = [config.stem] + [f"{short[k]}={_UNSAFE.sub('_', v)}" for k, v in overrides.items()]
+    parts = [label] + [f"{short[k]}={_UNSAFE.sub('_', v)}" for k, v in overrides.items()]
     return "-".join(parts + ([f"seed{seed}"] if seed is not None else []))
 
 
 def expand(configs: list[Path], grid: dict[str, list[str]], seeds: list[int] | None, root: Path) -> list[Task]:
     """configs x grid points (Cartesian product, first key slowest) x seeds; one task alone runs in root."""
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    short = short_keys(list(grid))
-    tasks = [Task(config, point, seed) for config in configs for point in points for seed in (seeds or [None])]
+    short, labels = short_keys(list(grid)), config_labels(configs)
+    tasks = [Task(config, point, seed, labels[config]) for config in configs for point in points
+             for seed in (seeds or [None])]
     for task in tasks:
-        task.name = task_name(task.config, task.overrides, task.seed, short)
+        task.name = task_name(task.label, task.overrides, task.seed, short)
         task.run_dir = root if len(tasks) == 1 else root / task.name
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         clash = next(n for n in names if names.count(n) > 1)
-        raise ValueError(f"two tasks would share the run directory {clash!r}: give the configs different file names "
-                         "or use grid values that differ in letters, digits or . _ + -")
+        raise ValueError(f"two tasks would share the run directory {clash!r}: give each config once, and grid "
+                         "values that differ in letters, digits or . _ + -")
     return tasks
 
 

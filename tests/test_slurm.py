@@ -219,7 +219,8 @@ def test_dry_run_prints_the_job_script(monkeypatch, capsys):
                  "#SBATCH --requeue", "--trainer.num_nodes 2 --trainer.devices 2", "--trainer.strategy ddp",
                  "--ckpt_path last", "--seed_everything 1"):
         assert line in script, line
-    assert "fashion_mnist-sweep/vicreg-seed1" in script and "%a" in script, "array tasks get their own run dir and log"
+    assert "fashion_mnist-sweep/cifar10-vicreg-seed1" in script and "%a" in script, \
+        "array tasks get their own run dir (two configs named vicreg.yaml: told apart by directory) and log"
     assert re.search(r"\$\{SLURM_JOB_ID\}", script) and "%j" not in script, "paths never depend on the job id"
 
 

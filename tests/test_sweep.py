@@ -55,6 +55,12 @@ def test_malformed_grids_are_rejected(items, message):
         sweep.parse_grid(items)
 
 
+def test_configs_with_one_file_name_are_told_apart_by_directory(tmp_path):
+    tasks = sweep.expand([Path("fashion_mnist/vicreg.yaml"), Path("cifar10/vicreg.yaml"), Path("x/st.yaml")], {},
+                         [0], tmp_path)
+    assert [t.name for t in tasks] == ["fashion_mnist-vicreg-seed0", "cifar10-vicreg-seed0", "st-seed0"]
+
+
 def test_tasks_sharing_a_run_directory_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="share the run directory 'vicreg-projector=a_b'"):
         sweep.expand([Path("vicreg.yaml")], {"model.init_args.projector": ["a/b", "a_b"]}, None, tmp_path)
@@ -153,6 +159,7 @@ def tiny_fit(run_dir: Path, *extra: str) -> None:
     SSLCLI(args=["fit", "--config", str(config), "--trainer.default_root_dir", str(run_dir), *extra])
 
 
+@pytest.mark.slow
 def test_every_fit_writes_a_summary_finished_preempted_collapsed_or_failed(tmp_path):
     # the collapse alarm (RankMe below an impossible 1000 on a 32-d projector) makes a fit "collapsed"
     tiny_fit(tmp_path / "collapsed", "--spectrum.min_rankme", "1000")
@@ -202,7 +209,8 @@ def test_finish_marks_failed_exits_and_evaluates_finished_fits_once(tmp_path, mo
 def fake_run(root: Path, name: str, overrides: dict, seed: int, summary: dict | None) -> None:
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    write_json(run_dir / "sweep.json", {"name": name, "config": "/x/st.yaml", "overrides": overrides, "seed": seed})
+    write_json(run_dir / "sweep.json", {"name": name, "config": "/x/st.yaml", "label": "st", "overrides": overrides,
+                                        "seed": seed})
     if summary is not None:
         write_json(run_dir / "summary.json", summary)
 
