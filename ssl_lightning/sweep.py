@@ -110,14 +110,16 @@ def task_name(label: str, overrides: dict[str, str], seed: int | None, short: di
 
 
 def expand(configs: list[Path], grid: dict[str, list[str]], seeds: list[int] | None, root: Path) -> list[Task]:
-    """configs x grid points (Cartesian product, first key slowest) x seeds; one task alone runs in root."""
+    """configs x grid points (Cartesian product, first key slowest) x seeds. A plain job (one config, no
+    grid, no seeds) runs in root itself; every task of a sweep in root/<its name>, so that later calls
+    with more seeds or points add to the same sweep directory."""
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     short, labels = short_keys(list(grid)), config_labels(configs)
     tasks = [Task(config, point, seed, labels[config]) for config in configs for point in points
              for seed in (seeds or [None])]
     for task in tasks:
         task.name = task_name(task.label, task.overrides, task.seed, short)
-        task.run_dir = root if len(tasks) == 1 else root / task.name
+        task.run_dir = root if len(tasks) == 1 and not grid and not seeds else root / task.name
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         clash = next(n for n in names if names.count(n) > 1)
@@ -190,17 +192,24 @@ def wandb_environment(sweep: str, task: Task) -> dict[str, str]:
 
 
 def run_local(tasks: list[Task], fit_args: list[list[str]], sweep: str, eval_options: dict) -> None:
-    """Each task's fit in a subprocess (its own log, fit.log in the run directory), then ``finish``."""
+    """Each task's fit in a subprocess (its own log, fit.log in the run directory), then ``finish``.
+    A task whose fit already finished (an earlier, interrupted call of the same sweep) is not fitted
+    again; it is only evaluated if that is missing."""
     for i, (task, args) in enumerate(zip(tasks, fit_args)):
         start = time.time()
-        env = {**os.environ, **wandb_environment(sweep, task)}
-        env.setdefault("WANDB_MODE", "offline")
-        env.pop("WANDB_SERVICE", None)  # see slurm/job.sbatch: every fit starts its own W&B service
-        with open(task.run_dir / "fit.log", "a") as log:
-            code = subprocess.run([sys.executable, "-m", "ssl_lightning", "fit", *args], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env).returncode
+        done = (read_summary(task.run_dir) or {}).get("status") in ("finished", "collapsed")
+        code = 0
+        if not done:
+            env = {**os.environ, **wandb_environment(sweep, task)}
+            env.setdefault("WANDB_MODE", "offline")
+            env.pop("WANDB_SERVICE", None)  # see slurm/job.sbatch: every fit starts its own W&B service
+            with open(task.run_dir / "fit.log", "a") as log:
+                code = subprocess.run([sys.executable, "-m", "ssl_lightning", "fit", *args], stdout=log,
+                                      stderr=subprocess.STDOUT, env=env).returncode
         summary = finish(task.run_dir, code, **eval_options)
-        print(f"[{i + 1}/{len(tasks)}] {task.name}: {summary.get('status')} ({time.time() - start:.0f} s)", flush=True)
+        note = " (fitted before)" if done else ""
+        print(f"[{i + 1}/{len(tasks)}] {task.name}: {summary.get('status')}{note} ({time.time() - start:.0f} s)",
+              flush=True)
 
 
 def evaluate(ckpt: str, commands: list[str], *, train_samples: int | None, epochs: int) -> dict[str, float]:

@@ -156,7 +156,7 @@ def test_grid_array_ends_with_a_complete_results_table_equal_to_local_runs(tmp_p
     wait_for(lambda: not queued(), 400, f"every task of array {job}")
     names = [f"tiny-var_weight={w}-seed{s}" for w in (0, 25) for s in (0, 1)]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == names
-    # one of its tasks again on this machine (--local; a single task runs in the sweep directory itself)
+    # one of its tasks again on this machine (--local)
     local = subprocess.run([sys.executable, "-m", "ssl_lightning", "submit", *grid, "--local", "--grid",
                             "model.init_args.var_weight=25", "--seeds", "1", "--runs", str(tmp_path / "local")],
                            capture_output=True, text=True, cwd=ROOT)
@@ -174,7 +174,7 @@ def test_grid_array_ends_with_a_complete_results_table_equal_to_local_runs(tmp_p
         assert {"linear/top1", "linear/top5", "knn/top1_k20"} <= set(summary["eval"]), "evaluated after the fit"
         wandb_run = read_offline_run(next((root / name / "wandb").glob("offline-run-*")))
         assert wandb_run["complete"] and (wandb_run["name"], wandb_run["group"]) == (name, "abl")
-    on_slurm, here = read_summary(root / names[3]), read_summary(tmp_path / "local" / "abl")
+    on_slurm, here = read_summary(root / names[3]), read_summary(tmp_path / "local" / "abl" / names[3])
     for key in ("train/loss", "probe/val_top1"):  # the same fit and evaluation as the SLURM task
         assert here["final"][key] == pytest.approx(on_slurm["final"][key], rel=1e-5, abs=1e-6), key
     for key in ("linear/top1", "knn/top1_k20"):

@@ -42,7 +42,9 @@ def test_grid_expands_to_configs_x_points_x_seeds_with_readable_stable_names(tmp
     names = [t.name for t in sweep.expand([Path("vicreg.yaml")], grid, None, tmp_path)]
     assert names[0] == "vicreg-backbone_kwargs.width=8-views=__size__16__-head_kwargs.width=4"
     (single,) = sweep.expand([Path("vicreg.yaml")], {}, None, tmp_path)
-    assert single.run_dir == tmp_path, "one task runs in the sweep directory itself, as before grids existed"
+    assert single.run_dir == tmp_path, "a plain job runs in the sweep directory itself, as before grids existed"
+    (one_seed,) = sweep.expand([Path("vicreg.yaml")], {}, [1], tmp_path)
+    assert one_seed.run_dir == tmp_path / "vicreg-seed1", "a sweep's task, even alone, has its own directory"
 
 
 @pytest.mark.parametrize("items, message", [
@@ -245,3 +247,24 @@ def test_results_table_means_over_seeds_and_every_status_shown(tmp_path, capsys)
     with pytest.raises(SystemExit):
         results.main([str(tmp_path), "--plot", "linear/top1", "--x", "lr"])
     assert "--x lr is not a swept key of this sweep; swept: model.init_args.power" in capsys.readouterr().err
+
+
+def test_local_rerun_of_a_sweep_fits_only_what_is_not_done(tmp_path, monkeypatch, capsys):
+    done, todo = (sweep.Task(Path("vicreg.yaml"), {}, seed, "vicreg", f"vicreg-seed{seed}", tmp_path / f"s{seed}")
+                  for seed in (0, 1))
+    for task in (done, todo):
+        task.run_dir.mkdir()
+    write_json(done.run_dir / "summary.json", {"status": "finished", "checkpoint": "x.ckpt"})
+    fitted = []
+    def fake_fit(argv, **kwargs):
+        fitted.append(argv)
+        return subprocess.CompletedProcess(argv, 3)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_fit)
+    monkeypatch.setattr(sweep, "evaluate", lambda ckpt, commands, **kw: {"knn/top1_k20": 0.5})
+    sweep.run_local([done, todo], [["--a"], ["--b"]], "s", {"commands": ["knn"], "train_samples": None, "epochs": 1})
+    assert [argv[-1] for argv in fitted] == ["--b"], "only the unfinished task is fitted"
+    assert read_summary(done.run_dir)["eval"] == {"knn/top1_k20": 0.5}, "the finished one is evaluated"
+    assert read_summary(todo.run_dir)["status"] == "failed", "exit code 3"
+    out = capsys.readouterr().out
+    assert "[1/2] vicreg-seed0: finished (fitted before)" in out and "[2/2] vicreg-seed1: failed" in out
