@@ -227,12 +227,13 @@ def evaluate(ckpt: str, commands: list[str], *, train_samples: int | None, epoch
 
 def finish(run_dir: Path, exit_code: int, *, commands: list[str] | None = None, train_samples: int | None = None,
            epochs: int = 30) -> dict:
-    """After a task's fit: a non-zero exit leaves status failed (whatever the fit managed to write);
+    """After a task's fit: a non-zero exit leaves status failed (whatever the fit managed to write),
+    except after a preemption (SLURM kills the requeued job's step; the restart continues it);
     a finished or collapsed fit gets the offline evaluation of its final checkpoint stored in its
     summary under ``eval`` (once: a requeued task that already has it is not evaluated again)."""
     run_dir = Path(run_dir)
     summary = read_summary(run_dir) or {}
-    if exit_code != 0 and summary.get("status") != "failed":
+    if exit_code != 0 and summary.get("status") not in ("failed", "preempted"):
         summary.update(status="failed", error=f"the fit exited with code {exit_code}; see the task's log")
     elif exit_code == 0 and not summary:
         summary.update(status="failed", error=f"the fit exited with code 0 but wrote no {SUMMARY_FILE}")

@@ -196,6 +196,8 @@ def test_finish_marks_failed_exits_and_evaluates_finished_fits_once(tmp_path, mo
     write_json(crashed / "summary.json", {"status": "running", "step": 40})
     assert sweep.finish(crashed, 137) == {"status": "failed", "step": 40,
                                           "error": "the fit exited with code 137; see the task's log"}
+    write_json(crashed / "summary.json", {"status": "preempted", "step": 40})
+    assert sweep.finish(crashed, 143)["status"] == "preempted", "SLURM ends a requeued job's step: not a failure"
     calls = []
     monkeypatch.setattr(sweep, "evaluate", lambda ckpt, commands, **kw: calls.append(ckpt) or {"linear/top1": 0.5})
     done = tmp_path / "done"
