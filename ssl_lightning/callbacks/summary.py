@@ -44,6 +44,7 @@ class FitSummary(pl.Callback):
         self.best: float | None = None
         self.seconds_before = 0.0  # wall time of earlier parts of a requeued fit (from the checkpoint)
         self._start = time.time()
+        self._preempted = False
 
     def state_dict(self) -> dict:
         return {"best": self.best, "seconds": self.seconds_before + time.time() - self._start}
@@ -52,7 +53,7 @@ class FitSummary(pl.Callback):
         self.best, self.seconds_before = state_dict.get("best"), state_dict.get("seconds", 0.0)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.time()
+        self._start, self._preempted = time.time(), False
         self._write(trainer, pl_module, "running")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -60,8 +61,16 @@ class FitSummary(pl.Callback):
         if value is not None and not trainer.sanity_checking:
             self.best = max(float(value), self.best or 0.0)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        if preempted(trainer) and not self._preempted:  # before the requeue: SLURM may kill this step any time
+            self._preempted = True
+            self._write(trainer, pl_module, "preempted")
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._write(trainer, pl_module, "failed", error=f"{type(exception).__name__}: {exception}")
+        if preempted(trainer):  # the requeue's SIGTERM: the restarted job continues the fit
+            self._write(trainer, pl_module, "preempted")
+        else:
+            self._write(trainer, pl_module, "failed", error=f"{type(exception).__name__}: {exception}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, pl_module, fit_status(trainer))
@@ -102,10 +111,15 @@ class FitSummary(pl.Callback):
         print("\n".join(lines), flush=True)
 
 
+def preempted(trainer: pl.Trainer) -> bool:
+    """The warning signal arrived: PreemptionHandler saves, requeues and stops the fit."""
+    return any(cb.received for cb in trainer.callbacks if isinstance(cb, PreemptionHandler))
+
+
 def fit_status(trainer: pl.Trainer) -> str:
     """preempted (the warning signal stopped it; a requeue continues it), collapsed (the spectrum
     monitor's collapse alarm is up at the end), else finished."""
-    if any(cb.received for cb in trainer.callbacks if isinstance(cb, PreemptionHandler)):
+    if preempted(trainer):
         return "preempted"
     if float(trainer.callback_metrics.get("collapse/alarm", 0.0)) > 0:
         return "collapsed"
