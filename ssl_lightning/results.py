@@ -40,7 +40,7 @@ def load_run(run_dir: Path) -> dict:
         if key in summary:
             metrics[key] = summary[key]
     return {"name": task.get("name") or run_dir.name, "run_dir": str(run_dir),
-            "config": task.get("label") or summary.get("method", "?"),
+            "config": task.get("label") or (Path(task["config"]).stem if "config" in task else summary.get("method")),
             "overrides": task.get("overrides", {}),
             "seed": task.get("seed") if task.get("seed") is not None else summary.get("seed"),
             "status": summary.get("status", "pending"),
@@ -74,8 +74,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def group(rows: list[dict]) -> list[dict]:
-    """Rows grouped by grid point (in order of first appearance): runs, status counts, and per metric
-    (mean, std, n) over the runs whose status is finished or collapsed."""
+    """Rows grouped by grid point (in order of first appearance): runs, status counts, and for every
+    metric (mean, std, n) over the runs whose status is finished or collapsed."""
     groups: dict[str, dict] = {}
     for row in rows:
         g = groups.setdefault(point_label(row), {"point": point_label(row), "config": row["config"],
@@ -85,7 +85,7 @@ def group(rows: list[dict]) -> list[dict]:
         g["status"] = Counter(r["status"] for r in g["runs"])
         measured = [r for r in g["runs"] if r["status"] in MEASURED]
         g["metrics"] = {}
-        for name in TABLE_METRICS:
+        for name in sorted({k for r in measured for k in r["metrics"]}):
             values = [float(r["metrics"][name]) for r in measured if name in r["metrics"]]
             values = [v for v in values if math.isfinite(v)]
             if values:
@@ -97,9 +97,10 @@ def _format(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
 
 
-def markdown_table(groups: list[dict]) -> str:
-    """The grouped table: point, seeds, statuses, mean +- std of each metric any group has."""
-    names = [m for m in TABLE_METRICS if any(m in g["metrics"] for g in groups)]
+def markdown_table(groups: list[dict], metrics: tuple[str, ...] = TABLE_METRICS) -> str:
+    """The grouped table: point, seeds, statuses, mean +- std (over n > 1 runs) of each of ``metrics``
+    that any group has."""
+    names = [m for m in metrics if any(m in g["metrics"] for g in groups)]
     header = ["grid point", "runs", "status", *names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
@@ -108,7 +109,8 @@ def markdown_table(groups: list[dict]) -> str:
         for name in names:
             if name in g["metrics"]:
                 mean, std, n = g["metrics"][name]
-                cells.append(f"{_format(mean)} ± {_format(std)}" + (f" (n={n})" if n < len(g["runs"]) else ""))
+                spread = f" ± {_format(std)}" if n > 1 else ""
+                cells.append(_format(mean) + spread + (f" (n={n})" if n < len(g["runs"]) else ""))
             else:
                 cells.append("–")
         lines.append("| " + " | ".join(cells) + " |")
@@ -165,7 +167,8 @@ def plot(groups: list[dict], metric: str, x_key: str, path: Path) -> None:
             continue
         lines.setdefault(point_label(g, leave_out=key), []).append((_number(g["overrides"][key]), mean, std))
     if not lines and not references:
-        raise ValueError(f"no finished run has {metric}; metrics: {', '.join(TABLE_METRICS)}")
+        known = sorted({k for g in groups for k in g["metrics"]})
+        raise ValueError(f"no finished run has {metric}; metrics: {', '.join(known)}")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for label, points in lines.items():
         points.sort(key=lambda p: (isinstance(p[0], str), p[0]))
@@ -185,8 +188,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssl-lightning results", description=__doc__.split("\n")[0])
     p.add_argument("root", type=Path, help="a sweep's directory, runs/<job name>")
     p.add_argument("--out", type=Path, default=None, help="where results.csv/.md and the plot go (default: root)")
-    p.add_argument("--plot", default=None, metavar="METRIC", help=f"e.g. {TABLE_METRICS[0]} or rank/projector_rankme")
+    p.add_argument("--plot", default=None, metavar="METRIC", help="e.g. linear/top1 or rank/projector_rankme")
     p.add_argument("--x", default=None, metavar="KEY", help="the swept key on the plot's x axis, e.g. power")
+    p.add_argument("--metrics", default=",".join(TABLE_METRICS),
+                   help="the table's columns, comma-separated (any key of summary.json's final, best/..., eval)")
     return p
 
 
@@ -200,7 +205,7 @@ def main(argv: list[str]) -> None:
         groups = group(rows)
         out = args.out or args.root
         out.mkdir(parents=True, exist_ok=True)
-        table = markdown_table(groups)
+        table = markdown_table(groups, tuple(m.strip() for m in args.metrics.split(",") if m.strip()))
         (out / "results.md").write_text(table)
         write_csv(rows, out / "results.csv")
         print(table)

@@ -240,12 +240,14 @@ def test_results_table_means_over_seeds_and_every_status_shown(tmp_path, capsys)
     assert "| 3 | 3 finished |" in row_half and "0.72 ± 0.02" in row_half and "11 ± 1" in row_half
     row_quarter = next(line for line in table.splitlines() if "power=0.25 " in line)
     assert "| 5 | 1 failed, 1 finished, 1 pending, 1 preempted, 1 running |" in row_quarter
-    assert "0.8 ± 0 (n=1)" in row_quarter, "only the finished run enters the mean"
+    assert "| 0.8 (n=1) |" in row_quarter, "only the finished run enters the mean (no spread of one value)"
     assert "- st-power=0.25-seed1: failed (ValueError: boom)" in table
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and {r["status"] for r in rows} == {"finished", "failed", "running", "pending", "preempted"}
     assert (tmp_path / "linear_top1_vs_power.png").stat().st_size > 1000
+    results.main([str(tmp_path), "--metrics", "rank/projector_rankme"])
+    assert (tmp_path / "results.md").read_text().startswith("| grid point | runs | status | rank/projector_rankme |")
     with pytest.raises(SystemExit):
         results.main([str(tmp_path), "--plot", "linear/top1", "--x", "lr"])
     assert "--x lr is not a swept key of this sweep; swept: model.init_args.power" in capsys.readouterr().err
