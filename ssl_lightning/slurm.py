@@ -197,7 +197,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="parent of the run directory runs/<job name>")
     p.add_argument("--max-array", type=int, default=1000, help="refuse sweeps with more tasks than this")
     p.add_argument("--local", action="store_true", help="run the tasks one after another here, without SLURM")
-    p.add_argument("--dry-run", action="store_true", help="print the script; do not write or submit it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the script (with --local: the fit commands); do not write, submit or run anything")
     sweep.add_eval_arguments(p)
     return p
 
@@ -233,6 +234,10 @@ def main(argv: list[str]) -> None:
         sweep.validate_grid(args.config, args.grid)
     except ValueError as err:
         p.error(str(err))
+    if args.local and args.dry_run:
+        for args_of_task in task_fit_arguments(args, tasks):
+            print(f"{sys.executable} -m ssl_lightning fit {sweep.quoted(args_of_task)}")
+        return
     if args.local:
         sweep.write_task_files(tasks, job_name(args))
         sweep.run_local(tasks, task_fit_arguments(args, tasks), job_name(args), sweep.eval_options(args))

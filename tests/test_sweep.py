@@ -272,3 +272,11 @@ def test_local_rerun_of_a_sweep_fits_only_what_is_not_done(tmp_path, monkeypatch
     assert read_summary(todo.run_dir)["status"] == "failed", "exit code 3"
     out = capsys.readouterr().out
     assert "[1/2] vicreg-seed0: finished (fitted before)" in out and "[2/2] vicreg-seed1: failed" in out
+
+
+def test_local_dry_run_prints_the_fit_commands_and_runs_nothing(capsys, tmp_path):
+    slurm.main(["--config", str(VICREG), "--grid", "model.init_args.var_weight=0,25", "--local", "--dry-run",
+                "--gpus-per-node", "0", "--runs", str(tmp_path / "runs")])
+    commands = [line for line in capsys.readouterr().out.splitlines() if " -m ssl_lightning fit " in line]
+    assert len(commands) == 2 and commands[1].endswith("--model.init_args.var_weight 25")
+    assert not (tmp_path / "runs").exists()
