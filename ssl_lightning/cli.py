@@ -119,7 +119,7 @@ class SSLArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):
         message = one_line_parse_error(message)
-        if "class_path" in message or "dot import path" in message:
+        if ("class_path" in message or "dot import path" in message) and "Problem with given class_path" not in message:
             names = ", ".join(f"{k} ({c.__name__})" for k, c in sorted(METHODS.items()))
             message += (f"\nmodel.class_path takes a method class name or class path; registered methods: {names}. "
                         "On the command line --model <name> also works.")
@@ -246,6 +246,7 @@ def main(args: list[str] | None = None) -> None:
 # Commands outside LightningCLI: name -> (module, function taking the remaining arguments)
 COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("ssl_lightning.slurm", "main"),
+    "results": ("ssl_lightning.results", "main"),
     "landscape": ("ssl_lightning.landscape", "main"),
     "hessian": ("ssl_lightning.landscape.hessian_command", "main"),
     "export": ("ssl_lightning.export", "main"),

@@ -2,11 +2,16 @@
 
     ssl-lightning submit --config experiments/cifar10/simclr.yaml --nodes 2 --gpus-per-node 4 --time 1-00:00:00
     ssl-lightning submit --config a.yaml b.yaml --seeds 0 1 2 --gpus-per-node 1 --time 12:00:00   # job array
+    ssl-lightning submit --config a.yaml --grid model.init_args.var_weight=0,25 --seeds 0 1 --eval linear,knn ...
+    ssl-lightning submit ... --local                            # the same tasks one after another, no SLURM
     ssl-lightning submit ... --dry-run                                                            # print only
     ssl-lightning submit --config ... -- --trainer.max_epochs 10                                 # extra fit args
 
-Everything the job writes lives under runs/<job name>/ (one sub-directory per array task), so a
-requeued job (same name) finds its checkpoint and W&B run. Impossible resources are rejected before
+Everything the job writes lives under runs/<job name>/ (one sub-directory per array task, named
+after its config, grid values and seed: ssl_lightning.sweep), so a requeued job (same name) finds
+its checkpoint and W&B run; all tasks share the W&B group <job name>. Each task ends with
+``python -m ssl_lightning.sweep finish`` (failure status, optional offline evaluation), and
+``ssl-lightning results runs/<job name>`` tabulates the sweep. Impossible resources are rejected before
 sbatch is called: an indivisible global batch, more nodes / CPUs / GPUs than the partition has, a
 malformed time limit, a warning signal later than the time limit.
 """
@@ -22,6 +27,8 @@ from pathlib import Path
 from string import Template
 
 import yaml
+
+from ssl_lightning import sweep
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
 SBATCH = "sbatch"
@@ -106,6 +113,10 @@ def validate(args: argparse.Namespace, partition: Partition | None) -> None:
             lower, upper = batch // processes * processes, (batch // processes + 1) * processes
             raise ValueError(f"data.batch_size {batch} in {config} is not divisible by {processes} processes "
                              f"({args.nodes} nodes x {args.tasks_per_node} per node); use {lower or upper} or {upper}")
+    if args.local:
+        return  # no SLURM resources to check
+    if args.time is None:
+        raise ValueError("--time is required for a SLURM job (e.g. --time 4:00:00); or run here with --local")
     limit = time_limit_seconds(args.time)
     if args.signal_seconds >= limit:
         raise ValueError(f"--signal-seconds {args.signal_seconds} is not shorter than the time limit "
@@ -128,16 +139,24 @@ def job_name(args: argparse.Namespace) -> str:
     if args.job_name:
         return args.job_name
     first = args.config[0]
-    return f"{first.parent.name}-{first.stem}" if len(args.config) == 1 else f"{first.parent.name}-sweep"
+    single = len(args.config) == 1 and not args.grid
+    return f"{first.parent.name}-{first.stem}" if single else f"{first.parent.name}-sweep"
 
 
-def render(args: argparse.Namespace) -> tuple[str, Path]:
-    """The job script and the directory it belongs in (runs/<job name>)."""
-    name = job_name(args)
-    root = (Path(args.runs) / name).resolve()
-    tasks = [(c.resolve(), s) for c in args.config for s in (args.seeds or [None])]
+def plan(args: argparse.Namespace) -> tuple[Path, list[sweep.Task]]:
+    """runs/<job name> and its tasks (configs x grid points x seeds), each with its own run directory."""
+    root = (Path(args.runs) / job_name(args)).resolve()
+    return root, sweep.expand([c.resolve() for c in args.config], args.grid, args.seeds, root)
+
+
+def task_fit_arguments(args: argparse.Namespace, tasks: list[sweep.Task]) -> list[list[str]]:
+    return [sweep.fit_arguments(t, seed=args.default_seed, accelerator="gpu" if args.gpus_per_node else "cpu",
+                                nodes=args.nodes, devices=args.tasks_per_node, extra=args.extra) for t in tasks]
+
+
+def render(args: argparse.Namespace, root: Path, tasks: list[sweep.Task]) -> str:
+    """The job script: one task, or an array with one task per run directory."""
     array = len(tasks) > 1
-    run_dirs = [root / (f"{c.stem}-seed{s}" if s is not None else c.stem) if array else root for c, s in tasks]
     optional = []
     if args.gpus_per_node:
         optional.append(f"#SBATCH --gpus-per-node={args.gpus_per_node}")
@@ -145,37 +164,55 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
         optional.append(f"#SBATCH --partition={args.partition}")
     if array:
         optional.append(f"#SBATCH --array=0-{len(tasks) - 1}")
-    processes = args.nodes * args.tasks_per_node
-    script = Template(TEMPLATE.read_text()).substitute(
-        job_name=name, nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+    return Template(TEMPLATE.read_text()).substitute(
+        job_name=job_name(args), nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
         time=args.time, signal_seconds=args.signal_seconds,
         log_path=root / ("slurm-%a.out" if array else "slurm.out"), optional_lines="\n".join(optional),
         workdir=shlex.quote(str(Path.cwd())), python=shlex.quote(sys.executable),
-        configs=" ".join(shlex.quote(str(c)) for c, _ in tasks),
-        seeds=" ".join(str(s if s is not None else args.default_seed) for _, s in tasks),
-        run_dirs=" ".join(shlex.quote(str(d)) for d in run_dirs),
-        accelerator="gpu" if args.gpus_per_node else "cpu",
-        strategy_args="--trainer.strategy ddp " if processes > 1 else "",
-        extra_args=" ".join(shlex.quote(a) for a in args.extra))
-    return script, root
+        run_dirs=" ".join(shlex.quote(str(t.run_dir)) for t in tasks),
+        names=" ".join(shlex.quote(t.name) for t in tasks),
+        task_args="\n  ".join(shlex.quote(sweep.quoted(a)) for a in task_fit_arguments(args, tasks)),
+        group=shlex.quote(job_name(args)), eval_args=sweep.quoted(sweep.eval_arguments(args)))
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssl-lightning submit", description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, nargs="+", required=True, help="one or more YAML configs (several: job array)")
+    p.add_argument("--config", type=Path, nargs="+", required=True,
+                   help="one or more YAML configs (several: job array)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values (repeatable): one task per point of the Cartesian product")
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1, help="0 runs on CPUs (gloo)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="0 runs on CPUs (gloo); default 1 on SLURM, with --local 1 if CUDA is available else 0")
     p.add_argument("--tasks-per-node", type=int, default=None, help="processes per node (default: GPUs per node, or 1)")
     p.add_argument("--cpus-per-task", type=int, default=8)
-    p.add_argument("--time", required=True, help="SLURM time limit, e.g. 4:00:00 or 1-00:00:00")
+    p.add_argument("--time", default=None, help="SLURM time limit, e.g. 4:00:00 or 1-00:00:00 (not with --local)")
     p.add_argument("--partition", default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one array task per config x seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one array task per config x grid point x seed")
     p.add_argument("--default-seed", type=int, default=0, help="seed when --seeds is not given")
     p.add_argument("--signal-seconds", type=int, default=120, help="SIGUSR1 this long before the time limit")
-    p.add_argument("--job-name", default=None, help="default: <dataset>-<method> from the config path")
+    p.add_argument("--job-name", default=None,
+                   help="the sweep's name: runs/<name> and the W&B group "
+                        "(default: <dataset>-<method>, or <dataset>-sweep for several configs or a grid)")
     p.add_argument("--runs", default="runs", help="parent of the run directory runs/<job name>")
-    p.add_argument("--dry-run", action="store_true", help="print the script; do not write or submit it")
+    p.add_argument("--max-array", type=int, default=1000, help="refuse sweeps with more tasks than this")
+    p.add_argument("--local", action="store_true", help="run the tasks one after another here, without SLURM")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the script (with --local: the fit commands); do not write, submit or run anything")
+    sweep.add_eval_arguments(p)
     return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    if args.gpus_per_node is None:
+        if args.local:
+            import torch
+
+            args.gpus_per_node = int(torch.cuda.is_available())
+        else:
+            args.gpus_per_node = 1
+    if args.tasks_per_node is None:
+        args.tasks_per_node = args.gpus_per_node or 1
 
 
 def main(argv: list[str]) -> None:
@@ -183,17 +220,34 @@ def main(argv: list[str]) -> None:
     p = parser()
     args = p.parse_args(own)
     args.extra = extra
-    if args.tasks_per_node is None:
-        args.tasks_per_node = args.gpus_per_node or 1
+    resolve_defaults(args)
     try:
-        validate(args, query_partition(args.partition))
+        args.grid = sweep.parse_grid(args.grid)
+        root, tasks = plan(args)
+        points = len(tasks) // len(args.config) // len(args.seeds or [None])
+        print(f"sweep {job_name(args)}: {len(args.config)} config(s) x {points} grid point(s) x "
+              f"{len(args.seeds or [None])} seed(s) = {len(tasks)} task(s)", flush=True)
+        if len(tasks) > args.max_array:
+            raise ValueError(f"{len(tasks)} tasks exceed --max-array {args.max_array}; split the sweep or raise "
+                             "--max-array (up to the cluster's MaxArraySize)")
+        validate(args, None if args.local else query_partition(args.partition))
+        sweep.validate_grid(args.config, args.grid)
     except ValueError as err:
         p.error(str(err))
-    script, root = render(args)
+    if args.local and args.dry_run:
+        for args_of_task in task_fit_arguments(args, tasks):
+            print(f"{sys.executable} -m ssl_lightning fit {sweep.quoted(args_of_task)}")
+        return
+    if args.local:
+        sweep.write_task_files(tasks, job_name(args))
+        sweep.run_local(tasks, task_fit_arguments(args, tasks), job_name(args), sweep.eval_options(args))
+        print(f"results: ssl-lightning results {root}")
+        return
+    script = render(args, root, tasks)
     if args.dry_run:
         print(script)
         return
-    root.mkdir(parents=True, exist_ok=True)
+    sweep.write_task_files(tasks, job_name(args))
     path = root / "job.sbatch"
     path.write_text(script)
     result = subprocess.run([SBATCH, "--parsable", str(path)], capture_output=True, text=True)

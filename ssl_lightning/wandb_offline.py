@@ -51,7 +51,8 @@ def _item_key(item) -> str:
 
 
 def read_offline_run(run_dir: str | Path, *, wait: float = 30.0) -> dict:
-    """{"id", "history": [row dicts], "summary": {key: last value}, "config": {key: value}, "complete"}.
+    """{"id", "name", "group", "history": [row dicts], "summary": {key: last value}, "config": {key: value},
+    "complete"}.
 
     W&B's service process may still be writing the file when ``run.finish()`` has returned; a run
     is complete once its exit record is on disk, and this waits up to ``wait`` seconds for it.
@@ -68,7 +69,8 @@ def _read(run_dir: str | Path) -> dict:
     files = sorted(Path(run_dir).glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir}; is this an offline W&B run directory?")
-    run = {"id": files[0].stem.removeprefix("run-"), "history": [], "summary": {}, "config": {}, "complete": False}
+    run = {"id": files[0].stem.removeprefix("run-"), "history": [], "summary": {}, "config": {}, "complete": False,
+           "name": None, "group": None}
     for raw in _records(files[0].read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
@@ -78,6 +80,8 @@ def _read(run_dir: str | Path) -> dict:
             run["history"].append(row)
             run["summary"].update(row)
         elif kind in ("config", "run"):  # the initial config travels inside the run record
+            if kind == "run":
+                run["name"], run["group"] = record.run.display_name, record.run.run_group
             config = record.config if kind == "config" else record.run.config
             run["config"].update({_item_key(i): json.loads(i.value_json) for i in config.update})
         elif kind == "summary":

@@ -22,7 +22,8 @@ import torch
 import wandb
 
 from helpers import offline_runs_of
-from ssl_lightning import slurm
+from ssl_lightning import results, slurm
+from ssl_lightning.callbacks.summary import read_summary
 from ssl_lightning.wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,7 @@ def test_preempted_job_requeues_and_resumes_in_the_same_wandb_run(tmp_path):
     wait_for(lambda: "requeued SLURM job" in log_path.read_text(), 120, "the requeue")
     # SLURM holds a requeued job for ~2 minutes (BeginTime); release it now
     wait_for(lambda: job_state(job) == "PENDING", 120, "the job to be pending again")
+    assert read_summary(run_dir)["status"] == "preempted", "a requeued job waiting for its restart is 'preempted'"
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     wait_done(job, log_path)
 
@@ -130,12 +132,53 @@ def test_preempted_job_requeues_and_resumes_in_the_same_wandb_run(tmp_path):
     assert "Restored all states from the checkpoint" in log
     assert torch.load(ckpt, weights_only=False)["global_step"] == epochs * STEPS_PER_EPOCH, \
         "resumed at the interrupted step: no epoch repeated from scratch"
+    summary = read_summary(run_dir)
+    assert (summary["status"], summary["step"]) == ("finished", epochs * STEPS_PER_EPOCH)
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     runs = offline_runs_of(run_dir / "wandb", run_id)
     assert len(runs) == 2, "both parts log to the same W&B run"
     resumed = read_offline_run(runs[1])
     first_step = min(row["trainer/global_step"] for row in resumed["history"] if "trainer/global_step" in row)
     assert first_step > step - 1, f"the resumed part starts after step {step}, not from scratch ({first_step})"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
+def test_grid_array_ends_with_a_complete_results_table_equal_to_local_runs(tmp_path, capsys):
+    grid = ["--config", str(tiny_config(tmp_path, 2)), "--gpus-per-node", "0", "--cpus-per-task", "1",
+            "--job-name", "abl", "--eval", "linear,knn",
+            "--eval-train-samples", "64", "--eval-epochs", "2"]
+    job = submit(*grid, "--grid", "model.init_args.var_weight=0,25", "--seeds", "0", "1", "--time", "10",
+                 "--runs", str(tmp_path / "slurm"))
+    root = tmp_path / "slurm" / "abl"
+    queued = lambda: subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+    wait_for(lambda: not queued(), 400, f"every task of array {job}")
+    names = [f"tiny-var_weight={w}-seed{s}" for w in (0, 25) for s in (0, 1)]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == names
+    # one of its tasks again on this machine (--local)
+    local = subprocess.run([sys.executable, "-m", "ssl_lightning", "submit", *grid, "--local", "--grid",
+                            "model.init_args.var_weight=25", "--seeds", "1", "--runs", str(tmp_path / "local")],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert "[1/1] tiny-var_weight=25-seed1: finished" in local.stdout
+
+    results.main([str(root)])
+    table = capsys.readouterr().out
+    for point in ("tiny var_weight=0 ", "tiny var_weight=25 "):
+        row = next(line for line in table.splitlines() if point in line)
+        assert "| 2 | 2 finished |" in row, table
+    for name in names:
+        summary = read_summary(root / name)
+        assert summary["status"] == "finished" and summary["step"] == 2 * STEPS_PER_EPOCH, (name, summary)
+        assert {"linear/top1", "linear/top5", "knn/top1_k20"} <= set(summary["eval"]), "evaluated after the fit"
+        wandb_run = read_offline_run(next((root / name / "wandb").glob("offline-run-*")))
+        assert wandb_run["complete"] and (wandb_run["name"], wandb_run["group"]) == (name, "abl")
+    on_slurm, here = read_summary(root / names[3]), read_summary(tmp_path / "local" / "abl" / names[3])
+    for key in ("train/loss", "probe/val_top1"):  # the same fit and evaluation as the SLURM task
+        assert here["final"][key] == pytest.approx(on_slurm["final"][key], rel=1e-5, abs=1e-6), key
+    for key in ("linear/top1", "knn/top1_k20"):
+        assert here["eval"][key] == pytest.approx(on_slurm["eval"][key], abs=1e-6), key
 
 
 # ---- bad input: rejected before sbatch (no cluster needed) -------------------------------------------
@@ -174,9 +217,10 @@ def test_dry_run_prints_the_job_script(monkeypatch, capsys):
     for line in ("#SBATCH --job-name=fashion_mnist-sweep", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2",
                  "#SBATCH --gpus-per-node=2", "#SBATCH --array=0-3", "#SBATCH --signal=B:USR1@120",
                  "#SBATCH --requeue", "--trainer.num_nodes 2 --trainer.devices 2", "--trainer.strategy ddp",
-                 "--ckpt_path last", "SEEDS=(0 1 0 1)"):
+                 "--ckpt_path last", "--seed_everything 1"):
         assert line in script, line
-    assert "vicreg-seed1" in script and "%a" in script, "array tasks get their own run dir and log"
+    assert "fashion_mnist-sweep/cifar10-vicreg-seed1" in script and "%a" in script, \
+        "array tasks get their own run dir (two configs named vicreg.yaml: told apart by directory) and log"
     assert re.search(r"\$\{SLURM_JOB_ID\}", script) and "%j" not in script, "paths never depend on the job id"
 
 
