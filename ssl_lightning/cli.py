@@ -239,7 +239,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"error: rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))} lost another process of "
               f"this distributed run in a collective ({lost}); that process died or did not answer within "
               "collective_timeout_s. The newest valid checkpoint is kept: resume with --ckpt_path last "
-              "(a job from `ssl-lightning submit` requeues itself)", file=sys.stderr, flush=True)
+              "(a SLURM job: scontrol requeue <job id>)", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
 
 
