@@ -148,9 +148,11 @@ def batch_unshuffle(y: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Ten
 
 # What torch's gloo and NCCL backends say when the process on the other side of a collective died
 # (connection reset/closed) or stopped answering (the process group's timeout expired).
+# Lower-case pieces of the messages gloo and NCCL raise when a peer is gone or silent (gloo words a hang
+# "Timed out waiting ...ms" in one place and "Application timeout caused pair closure" in another).
 PEER_FAILURE_SIGNS: tuple[str, ...] = (
-    "Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting",
-    "timed out", "Timed out", "NCCL communicator was aborted", "Watchdog caught collective operation timeout",
+    "connection reset by peer", "connection closed by peer", "broken pipe", "timed out", "timeout",
+    "pair closure", "communicator was aborted", "watchdog caught collective operation",
 )
 
 
@@ -161,7 +163,7 @@ def peer_failure(exc: BaseException) -> str | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if isinstance(exc, (RuntimeError, dist.DistError)) and any(s in first for s in PEER_FAILURE_SIGNS):
+        if isinstance(exc, (RuntimeError, dist.DistError)) and any(s in first.lower() for s in PEER_FAILURE_SIGNS):
             return first
         exc = exc.__cause__ or exc.__context__
     return None

@@ -28,6 +28,8 @@ def test_peer_failure_recognises_a_lost_peer_only():
             raise ValueError("wrapped by a library") from inner
     except ValueError as outer:
         assert "Timed out waiting 15000ms" in peer_failure(outer)
+    closure = RuntimeError("Application timeout caused pair closure")  # gloo, a hang seen in a buffer broadcast
+    assert peer_failure(closure) == "Application timeout caused pair closure"
     assert peer_failure(RuntimeError("CUDA out of memory")) is None
     assert peer_failure(ValueError("Connection reset by peer")) is None, "only errors of the collectives"
 
