@@ -29,6 +29,7 @@ from ssl_lightning.checkpointing import CheckpointError, LastCheckpoint
 from ssl_lightning.console import hide_unactionable_messages
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.distributed import peer_failure
+from ssl_lightning.failure_requeue import record_fit_error
 from ssl_lightning.methods import METHODS, SSLMethod
 from ssl_lightning.wandb_run import (
     WANDB_LOGGER_CLASSES,
@@ -226,6 +227,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         run_command(args)
     except (ConfigError, CheckpointError) as err:
+        record_fit_error(err, exit_code=2)
         finish_active_wandb_run(exit_code=2)
         sys.stderr.flush()
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -233,13 +235,14 @@ def main(args: list[str] | None = None) -> None:
     except Exception as err:
         lost = peer_failure(err)
         if lost is None:
+            record_fit_error(err, exit_code=1)
             raise
         finish_active_wandb_run(exit_code=3)
         sys.stderr.flush()
         print(f"error: rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))} lost another process of "
               f"this distributed run in a collective ({lost}); that process died or did not answer within "
               "collective_timeout_s. The newest valid checkpoint is kept: resume with --ckpt_path last "
-              "(a SLURM job: scontrol requeue <job id>)", file=sys.stderr, flush=True)
+              "(a job of ssl-lightning submit requeues itself: --max-failure-requeues)", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
 
 

@@ -104,6 +104,9 @@ def validate(args: argparse.Namespace, partition: Partition | None) -> None:
     if args.gpus_per_node and args.tasks_per_node != args.gpus_per_node:
         raise ValueError(f"--tasks-per-node {args.tasks_per_node} must equal --gpus-per-node {args.gpus_per_node}: "
                          "Lightning runs one process per GPU")
+    if args.max_failure_requeues < 0:
+        raise ValueError(f"--max-failure-requeues {args.max_failure_requeues} must be >= 0 (0: never requeue "
+                         "after a failure)")
     processes = args.nodes * args.tasks_per_node
     for config in args.config:
         if not config.is_file():
@@ -172,7 +175,8 @@ def render(args: argparse.Namespace, root: Path, tasks: list[sweep.Task]) -> str
         run_dirs=" ".join(shlex.quote(str(t.run_dir)) for t in tasks),
         names=" ".join(shlex.quote(t.name) for t in tasks),
         task_args="\n  ".join(shlex.quote(sweep.quoted(a)) for a in task_fit_arguments(args, tasks)),
-        group=shlex.quote(job_name(args)), eval_args=sweep.quoted(sweep.eval_arguments(args)))
+        group=shlex.quote(job_name(args)), finish_args=sweep.quoted([*sweep.eval_arguments(args), "--max-failure-requeues",
+                                               str(args.max_failure_requeues)]))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -196,6 +200,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default: <dataset>-<method>, or <dataset>-sweep for several configs or a grid)")
     p.add_argument("--runs", default="runs", help="parent of the run directory runs/<job name>")
     p.add_argument("--max-array", type=int, default=1000, help="refuse sweeps with more tasks than this")
+    p.add_argument("--max-failure-requeues", type=int, default=2,
+                   help="requeue a task at most this often after a rank died or hung (exit 3 or a signal), "
+                        "each time resuming from the newest valid checkpoint; 0: never")
     p.add_argument("--local", action="store_true", help="run the tasks one after another here, without SLURM")
     p.add_argument("--dry-run", action="store_true",
                    help="print the script (with --local: the fit commands); do not write, submit or run anything")

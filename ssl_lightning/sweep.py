@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ssl_lightning.callbacks.summary import SUMMARY_FILE, read_summary, write_json
+from ssl_lightning.failure_requeue import fit_errors, requeue_after_failure
 
 TASK_FILE = "sweep.json"
 EVAL_COMMANDS = ("linear", "knn")
@@ -226,15 +227,26 @@ def evaluate(ckpt: str, commands: list[str], *, train_samples: int | None, epoch
 
 
 def finish(run_dir: Path, exit_code: int, *, commands: list[str] | None = None, train_samples: int | None = None,
-           epochs: int = 30) -> dict:
+           epochs: int = 30, max_failure_requeues: int = 0) -> dict:
     """After a task's fit: a non-zero exit leaves status failed (whatever the fit managed to write),
-    except after a preemption (SLURM kills the requeued job's step; the restart continues it);
-    a finished or collapsed fit gets the offline evaluation of its final checkpoint stored in its
-    summary under ``eval`` (once: a requeued task that already has it is not evaluated again)."""
+    except after a preemption (SLURM kills the requeued job's step; the restart continues it) and
+    when a SLURM task requeues itself after a failure a restart cures (status requeued:
+    ssl_lightning.failure_requeue); a finished or collapsed fit gets the offline evaluation of its final
+    checkpoint stored in its summary under ``eval`` (once: a requeued task that already has it is not
+    evaluated again)."""
     run_dir = Path(run_dir)
     summary = read_summary(run_dir) or {}
+    if exit_code != 0 and max_failure_requeues > 0 and summary.get("status") != "preempted":
+        requeued, line = requeue_after_failure(run_dir, exit_code, max_failure_requeues)
+        print(line, flush=True)
+        if requeued:
+            summary.update(status="requeued", error=line.removeprefix("ssl-lightning: "))
+            write_json(run_dir / SUMMARY_FILE, summary)
+            return summary
     if exit_code != 0 and summary.get("status") not in ("failed", "preempted"):
-        summary.update(status="failed", error=f"the fit exited with code {exit_code}; see the task's log")
+        errors = fit_errors(run_dir)
+        error = f"rank {errors[0]['rank']}: {errors[0]['error']}" if errors else f"the fit exited with code {exit_code}"
+        summary.update(status="failed", error=f"{error}; see the task's log")
     elif exit_code == 0 and not summary:
         summary.update(status="failed", error=f"the fit exited with code 0 but wrote no {SUMMARY_FILE}")
     if commands and summary.get("status") in ("finished", "collapsed") and "eval" not in summary:
@@ -284,9 +296,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("command", choices=["finish"])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--exit-code", type=int, required=True)
+    parser.add_argument("--max-failure-requeues", type=int, default=0,
+                        help="inside SLURM: requeue the task after a curable failure at most this often")
     add_eval_arguments(parser)
     args = parser.parse_args(argv)
-    summary = finish(args.run_dir, args.exit_code, **eval_options(args))
+    summary = finish(args.run_dir, args.exit_code, **eval_options(args), max_failure_requeues=args.max_failure_requeues)
     print(f"ssl-lightning: {args.run_dir.name} {summary.get('status')}; eval {summary.get('eval', 'not run')}")
 
 

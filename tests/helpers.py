@@ -53,11 +53,14 @@ class SignalAtStep(pl.Callback):
     """Sends this process ``signum`` during step ``step``, as SLURM would, at an arbitrary moment
     (SIGUSR1 ahead of the time limit; SIGTERM on scancel or a time limit without --signal)."""
 
-    def __init__(self, step: int, signum: int = signal.SIGUSR1, rank: int | None = None):
-        self.step, self.signum, self.rank = step, signum, rank  # rank None: every rank
+    def __init__(self, step: int, signum: int = signal.SIGUSR1, rank: int | None = None, restart: int | None = None):
+        """rank None: every rank; restart: only in that attempt of a SLURM job (SLURM_RESTART_COUNT, 0 first)."""
+        self.step, self.signum, self.rank, self.restart = step, signum, rank, restart
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step - 1 and self.rank in (None, trainer.global_rank):
+        attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if (trainer.global_step == self.step - 1 and self.rank in (None, trainer.global_rank)
+                and self.restart in (None, attempt)):
             os.kill(os.getpid(), self.signum)
 
 

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -59,8 +60,10 @@ def tiny_config(tmp_path: Path, epochs: int) -> Path:
 
 
 def submit(*args: str) -> str:
+    """Submits from the repository root; the job inherits this environment, tests/ (helpers) included."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "ssl_lightning", "submit", *args], capture_output=True,
-                            text=True, cwd=ROOT)
+                            text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip().splitlines()[-1]
 
@@ -145,6 +148,41 @@ def test_preempted_job_requeues_and_resumes_in_the_same_wandb_run(tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 @needs_cluster
+def test_a_killed_rank_requeues_the_job_which_resumes_in_the_same_wandb_run(tmp_path):
+    """SIGKILL of rank 1 at step 7 of the first attempt (last.ckpt was written at step 4, the end of epoch
+    1): srun ends the step, `sweep finish` requeues the job, and the restart resumes at step 4 and ends
+    at exactly 3 epochs x 4 steps, in the same W&B run."""
+    epochs = 3
+    kill = '{"class_path": "helpers.SignalAtStep", "init_args": {"step": 7, "signum": 9, "rank": 1, "restart": 0}}'
+    job = submit("--config", str(tiny_config(tmp_path, epochs)), "--gpus-per-node", "0", "--tasks-per-node", "2",
+                 "--cpus-per-task", "1", "--time", "10", "--runs", str(tmp_path / "runs"), "--job-name", "dead-rank",
+                 "--max-failure-requeues", "1", "--", "--trainer.callbacks+", kill)
+    run_dir = tmp_path / "runs" / "dead-rank"
+    log_path = run_dir / "slurm.out"
+    wait_for(lambda: log_path.is_file() and "after a failure" in log_path.read_text(), 300, "the failure requeue")
+    wait_for(lambda: job_state(job) == "PENDING", 120, "the job to be pending again")
+    assert read_summary(run_dir)["status"] == "requeued"
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_done(job, log_path)
+
+    log = log_path.read_text()
+    assert "restart 1" in log and "failure requeue 1 of 1" in log
+    (requeue,) = json.loads((run_dir / "failure_requeues.json").read_text())
+    assert requeue["exit_code"] > 128 or requeue["exit_code"] == 3, requeue
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == epochs * STEPS_PER_EPOCH
+    summary = read_summary(run_dir)
+    assert (summary["status"], summary["step"]) == ("finished", epochs * STEPS_PER_EPOCH)
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    runs = offline_runs_of(run_dir / "wandb", run_id)
+    assert len(runs) == 2, "both attempts log to the same W&B run"
+    resumed = read_offline_run(runs[1])
+    first_step = min(row["trainer/global_step"] for row in resumed["history"] if "trainer/global_step" in row)
+    assert first_step >= STEPS_PER_EPOCH, f"the restart continues from step 4, not from scratch ({first_step})"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_cluster
 def test_grid_array_ends_with_a_complete_results_table_equal_to_local_runs(tmp_path, capsys):
     grid = ["--config", str(tiny_config(tmp_path, 2)), "--gpus-per-node", "0", "--cpus-per-task", "1",
             "--job-name", "abl", "--eval", "linear,knn",
@@ -195,6 +233,7 @@ PARTITION = slurm.Partition("debug", nodes=2, cpus_per_node=16, gpus_per_node=4)
     (["--gpus-per-node", "1", "--time", "2h"], "--time '2h' is not a SLURM time limit"),
     (["--gpus-per-node", "1", "--time", "1", "--signal-seconds", "90"], "--signal-seconds 90 is not shorter"),
     (["--nodes", "0"], "--nodes 0 must be at least 1"),
+    (["--gpus-per-node", "1", "--max-failure-requeues", "-1"], "--max-failure-requeues -1 must be >= 0"),
 ])
 def test_impossible_requests_are_rejected_before_sbatch(args, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(slurm, "query_partition", lambda name: PARTITION)
