@@ -88,6 +88,18 @@ def wait_done(job: str, log: Path, timeout: float = 400) -> None:
     assert job_state(job) == "COMPLETED", log.read_text()[-3000:]
 
 
+def finished_in_one_wandb_run(run_dir: Path, epochs: int) -> int:
+    """Checks that a requeued fit finished all its steps with both of its parts in one W&B run id; returns
+    the first step the second part logged."""
+    summary = read_summary(run_dir)
+    assert (summary["status"], summary["step"]) == ("finished", epochs * STEPS_PER_EPOCH)
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    runs = offline_runs_of(run_dir / "wandb", run_id)
+    assert len(runs) == 2, "both parts log to the same W&B run"
+    resumed = read_offline_run(runs[1])
+    return min(row["trainer/global_step"] for row in resumed["history"] if "trainer/global_step" in row)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 @needs_cluster
@@ -135,13 +147,7 @@ def test_preempted_job_requeues_and_resumes_in_the_same_wandb_run(tmp_path):
     assert "Restored all states from the checkpoint" in log
     assert torch.load(ckpt, weights_only=False)["global_step"] == epochs * STEPS_PER_EPOCH, \
         "resumed at the interrupted step: no epoch repeated from scratch"
-    summary = read_summary(run_dir)
-    assert (summary["status"], summary["step"]) == ("finished", epochs * STEPS_PER_EPOCH)
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
-    runs = offline_runs_of(run_dir / "wandb", run_id)
-    assert len(runs) == 2, "both parts log to the same W&B run"
-    resumed = read_offline_run(runs[1])
-    first_step = min(row["trainer/global_step"] for row in resumed["history"] if "trainer/global_step" in row)
+    first_step = finished_in_one_wandb_run(run_dir, epochs)
     assert first_step > step - 1, f"the resumed part starts after step {step}, not from scratch ({first_step})"
 
 
@@ -170,13 +176,7 @@ def test_a_killed_rank_requeues_the_job_which_resumes_in_the_same_wandb_run(tmp_
     (requeue,) = json.loads((run_dir / "failure_requeues.json").read_text())
     assert requeue["exit_code"] > 128 or requeue["exit_code"] == 3, requeue
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == epochs * STEPS_PER_EPOCH
-    summary = read_summary(run_dir)
-    assert (summary["status"], summary["step"]) == ("finished", epochs * STEPS_PER_EPOCH)
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
-    runs = offline_runs_of(run_dir / "wandb", run_id)
-    assert len(runs) == 2, "both attempts log to the same W&B run"
-    resumed = read_offline_run(runs[1])
-    first_step = min(row["trainer/global_step"] for row in resumed["history"] if "trainer/global_step" in row)
+    first_step = finished_in_one_wandb_run(run_dir, epochs)
     assert first_step >= STEPS_PER_EPOCH, f"the restart continues from step 4, not from scratch ({first_step})"
 
 
