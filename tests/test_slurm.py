@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -88,6 +89,15 @@ def wait_done(job: str, log: Path, timeout: float = 400) -> None:
     assert job_state(job) == "COMPLETED", log.read_text()[-3000:]
 
 
+def wait_pending_then_release(job: str) -> None:
+    """SLURM holds a requeued job for about 2 minutes (BeginTime); release it sooner, but not within the
+    second of the requeue: slurmd's revocation of the old attempt's credential has one-second resolution,
+    and a restart in the same second is refused ("Job credential revoked") and the job ends FAILED."""
+    wait_for(lambda: job_state(job) == "PENDING", 120, "the job to be pending again")
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
 def finished_in_one_wandb_run(run_dir: Path, epochs: int) -> int:
     """Checks that a requeued fit finished all its steps with both of its parts in one W&B run id; returns
     the first step the second part logged."""
@@ -134,10 +144,8 @@ def test_preempted_job_requeues_and_resumes_in_the_same_wandb_run(tmp_path):
     wait_for(ckpt.is_file, 300, "the first epoch's checkpoint")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_for(lambda: "requeued SLURM job" in log_path.read_text(), 120, "the requeue")
-    # SLURM holds a requeued job for ~2 minutes (BeginTime); release it now
-    wait_for(lambda: job_state(job) == "PENDING", 120, "the job to be pending again")
+    wait_pending_then_release(job)
     assert read_summary(run_dir)["status"] == "preempted", "a requeued job waiting for its restart is 'preempted'"
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     wait_done(job, log_path)
 
     log = log_path.read_text()
@@ -154,21 +162,23 @@ def test_preempted_job_requeues_and_resumes_in_the_same_wandb_run(tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 @needs_cluster
-def test_a_killed_rank_requeues_the_job_which_resumes_in_the_same_wandb_run(tmp_path):
-    """SIGKILL of rank 1 at step 7 of the first attempt (last.ckpt was written at step 4, the end of epoch
-    1): srun ends the step, `sweep finish` requeues the job, and the restart resumes at step 4 and ends
-    at exactly 3 epochs x 4 steps, in the same W&B run."""
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_dead_or_hung_rank_requeues_the_job_which_resumes_in_the_same_wandb_run(tmp_path, signum):
+    """SIGKILL or SIGSTOP of rank 1 at step 7 of the first attempt (last.ckpt was written at step 4, the end
+    of epoch 1): rank 0 stops (at once, or after collective_timeout_s 10), srun ends the step, `sweep
+    finish` requeues the job, and the restart resumes at step 4 and ends at exactly 3 epochs x 4 steps, in
+    the same W&B run."""
     epochs = 3
-    kill = '{"class_path": "helpers.SignalAtStep", "init_args": {"step": 7, "signum": 9, "rank": 1, "restart": 0}}'
+    kill = ('{"class_path": "helpers.SignalAtStep", "init_args": '
+            f'{{"step": 7, "signum": {int(signum)}, "rank": 1, "restart": 0}}}}')
     job = submit("--config", str(tiny_config(tmp_path, epochs)), "--gpus-per-node", "0", "--tasks-per-node", "2",
                  "--cpus-per-task", "1", "--time", "10", "--runs", str(tmp_path / "runs"), "--job-name", "dead-rank",
-                 "--max-failure-requeues", "1", "--", "--trainer.callbacks+", kill)
+                 "--max-failure-requeues", "1", "--", "--trainer.callbacks+", kill, "--collective_timeout_s", "10")
     run_dir = tmp_path / "runs" / "dead-rank"
     log_path = run_dir / "slurm.out"
     wait_for(lambda: log_path.is_file() and "after a failure" in log_path.read_text(), 300, "the failure requeue")
-    wait_for(lambda: job_state(job) == "PENDING", 120, "the job to be pending again")
+    wait_pending_then_release(job)
     assert read_summary(run_dir)["status"] == "requeued"
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     wait_done(job, log_path)
 
     log = log_path.read_text()
