@@ -32,6 +32,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_warn
 
 RECORD_SUFFIX = ".sha256.json"
+CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints, unless checkpoint.dirpath says otherwise
 _HISTORY = re.compile(r"(?P<stem>.+)-(?P<age>\d+)\.ckpt")
 
 

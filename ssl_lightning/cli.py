@@ -12,7 +12,6 @@ model's view of the data (classes, channels, image size, global batch).
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import sys
 from datetime import timedelta
@@ -25,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ssl_lightning.allocator import keep_freed_memory
 from ssl_lightning.callbacks import FitSummary, KNNMonitor, PreemptionHandler, SpectrumMonitor
-from ssl_lightning.checkpointing import CheckpointError, LastCheckpoint
+from ssl_lightning.checkpointing import CHECKPOINT_DIR, CheckpointError, LastCheckpoint
 from ssl_lightning.console import hide_unactionable_messages
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.distributed import peer_failure
@@ -195,7 +194,7 @@ class SSLCLI(LightningCLI):
                 {"class_path": "lightning_fabric.plugins.environments.SLURMEnvironment",
                  "init_args": {"auto_requeue": False}}]
         if not config.checkpoint.dirpath:
-            config.checkpoint.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+            config.checkpoint.dirpath = str(Path(trainer.default_root_dir) / CHECKPOINT_DIR)
         logger = trainer.logger
         if getattr(logger, "class_path", None) in WANDB_LOGGER_CLASSES:
             args = logger.init_args
@@ -239,7 +238,7 @@ def main(args: list[str] | None = None) -> None:
             raise
         finish_active_wandb_run(exit_code=3)
         sys.stderr.flush()
-        print(f"error: rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))} lost another process of "
+        print(f"error: rank {rank_zero_only.rank} lost another process of "
               f"this distributed run in a collective ({lost}); that process died or did not answer within "
               "collective_timeout_s. The newest valid checkpoint is kept: resume with --ckpt_path last "
               "(a job of ssl-lightning submit requeues itself: --max-failure-requeues)", file=sys.stderr, flush=True)

@@ -146,8 +146,6 @@ def batch_unshuffle(y: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Ten
     return everything[unshuffle_index.view(world_size(), -1)[rank()]]
 
 
-# What torch's gloo and NCCL backends say when the process on the other side of a collective died
-# (connection reset/closed) or stopped answering (the process group's timeout expired).
 # Lower-case pieces of the messages gloo and NCCL raise when a peer is gone or silent (gloo words a hang
 # "Timed out waiting ...ms" in one place and "Application timeout caused pair closure" in another).
 PEER_FAILURE_SIGNS: tuple[str, ...] = (

@@ -31,9 +31,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from pytorch_lightning.utilities import rank_zero_only
+
 from ssl_lightning.callbacks.preemption import slurm_job_id
 from ssl_lightning.callbacks.summary import write_json
-from ssl_lightning.checkpointing import RECORD_SUFFIX
+from ssl_lightning.checkpointing import CHECKPOINT_DIR, RECORD_SUFFIX
 
 RECORD_FILE = "failure_requeues.json"
 PEER_LOST_EXIT = 3  # ssl_lightning.cli: this rank lost another process of the run
@@ -47,11 +49,11 @@ def record_fit_error(err: BaseException, exit_code: int) -> None:
     directory = os.environ.get(TASK_DIR_VARIABLE)
     if not directory:
         return
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    rank = rank_zero_only.rank  # the strategy's global rank; before its setup, the launcher's environment
     first_line = (str(err).strip().splitlines() or [""])[0]
     with contextlib.suppress(OSError):  # a full disk must not hide the error itself
         write_json(Path(directory) / f"fit_error-rank{rank}.json",
-                   {"rank": int(rank), "exit_code": exit_code, "error": f"{type(err).__name__}: {first_line}"})
+                   {"rank": rank, "exit_code": exit_code, "error": f"{type(err).__name__}: {first_line}"})
 
 
 def fit_errors(run_dir: Path) -> list[dict]:
@@ -73,9 +75,11 @@ def curable(exit_code: int) -> str | None:
 
 
 def newest_checkpoint_record(run_dir: Path) -> str | None:
-    """The size-and-sha256 record of the newest checkpoint under ``run_dir`` (None: no checkpoint yet).
-    It changes exactly when a new checkpoint is written, without reading the checkpoint itself."""
-    records = sorted((run_dir / "checkpoints").glob(f"*.ckpt{RECORD_SUFFIX}"), key=lambda p: p.stat().st_mtime_ns)
+    """The size-and-sha256 record of the newest checkpoint in ``<run_dir>/checkpoints`` (None: no
+    checkpoint yet). It changes exactly when a new checkpoint is written, without reading the checkpoint
+    itself. A fit whose checkpoint.dirpath lies elsewhere shows no progress here: it gets one failure
+    requeue at most."""
+    records = sorted((run_dir / CHECKPOINT_DIR).glob(f"*.ckpt{RECORD_SUFFIX}"), key=lambda p: p.stat().st_mtime_ns)
     return records[-1].read_text() if records else None
 
 
@@ -84,8 +88,10 @@ def past_requeues(run_dir: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def refusal(run_dir: Path, exit_code: int, max_requeues: int, job: str | None) -> str | None:
-    """Why the task is not requeued (None: requeue it)."""
+def refusal(run_dir: Path, exit_code: int, max_requeues: int, job: str | None, past: list[dict],
+            checkpoint: str | None) -> str | None:
+    """Why the task is not requeued (None: requeue it), given its ``past`` failure requeues and the record
+    of its newest ``checkpoint``."""
     reason = curable(exit_code)
     if reason is None:
         return f"exit status {exit_code} is not a failure a restart cures (only 3 and > 128 are)"
@@ -94,11 +100,10 @@ def refusal(run_dir: Path, exit_code: int, max_requeues: int, job: str | None) -
         return f"rank {errors[0]['rank']} failed by itself ({errors[0]['error']}): a restart would meet it again"
     if job is None:
         return "not inside a SLURM job"
-    past = past_requeues(run_dir)
     if len(past) >= max_requeues:
         return (f"{reason} (exit status {exit_code}), but the run was already requeued {len(past)} time(s) "
                 f"after failures (--max-failure-requeues {max_requeues})")
-    if past and past[-1]["checkpoint"] == newest_checkpoint_record(run_dir):
+    if past and past[-1]["checkpoint"] == checkpoint:
         return (f"{reason} (exit status {exit_code}) again before any new checkpoint was written since the "
                 "previous failure requeue: a restart would repeat it")
     return None
@@ -108,13 +113,12 @@ def requeue_after_failure(run_dir: Path, exit_code: int, max_requeues: int) -> t
     """Requeues this SLURM task when its fit's failure is curable and the limits allow. Returns whether
     it did and the line for the job's log that says what happened and why."""
     run_dir = Path(run_dir)
-    job = slurm_job_id()
-    refused = refusal(run_dir, exit_code, max_requeues, job)
+    job, past, checkpoint = slurm_job_id(), past_requeues(run_dir), newest_checkpoint_record(run_dir)
+    refused = refusal(run_dir, exit_code, max_requeues, job, past, checkpoint)
     if refused is not None:
         return False, f"ssl-lightning: not requeued: {refused}"
-    past = past_requeues(run_dir)
     entry = {"job": job, "exit_code": exit_code, "reason": curable(exit_code), "time": time.time(),
-             "checkpoint": newest_checkpoint_record(run_dir)}
+             "checkpoint": checkpoint}
     write_json(run_dir / RECORD_FILE, [*past, entry])
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if result.returncode != 0:

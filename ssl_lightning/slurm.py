@@ -175,8 +175,8 @@ def render(args: argparse.Namespace, root: Path, tasks: list[sweep.Task]) -> str
         run_dirs=" ".join(shlex.quote(str(t.run_dir)) for t in tasks),
         names=" ".join(shlex.quote(t.name) for t in tasks),
         task_args="\n  ".join(shlex.quote(sweep.quoted(a)) for a in task_fit_arguments(args, tasks)),
-        group=shlex.quote(job_name(args)), finish_args=sweep.quoted([*sweep.eval_arguments(args), "--max-failure-requeues",
-                                               str(args.max_failure_requeues)]))
+        group=shlex.quote(job_name(args)),
+        finish_args=sweep.quoted([*sweep.eval_arguments(args), "--max-failure-requeues", str(args.max_failure_requeues)]))
 
 
 def parser() -> argparse.ArgumentParser:
