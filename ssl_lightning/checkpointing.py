@@ -31,6 +31,8 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_warn
 
+from ssl_lightning.console import first_line
+
 RECORD_SUFFIX = ".sha256.json"
 CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints, unless checkpoint.dirpath says otherwise
 _HISTORY = re.compile(r"(?P<stem>.+)-(?P<age>\d+)\.ckpt")
@@ -215,7 +217,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     except pickle.UnpicklingError as err:
         raise CheckpointError(_unsafe_message(path, err)) from err
     except (RuntimeError, OSError, EOFError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err) or type(err).__name__
         raise CheckpointError(f"checkpoint {path} is not usable: torch.load failed ({reason})") from err
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "

@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from ssl_lightning.allocator import keep_freed_memory
 from ssl_lightning.callbacks import FitSummary, KNNMonitor, PreemptionHandler, SpectrumMonitor
 from ssl_lightning.checkpointing import CHECKPOINT_DIR, CheckpointError, LastCheckpoint
-from ssl_lightning.console import hide_unactionable_messages
+from ssl_lightning.console import first_line, hide_unactionable_messages
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.distributed import peer_failure
 from ssl_lightning.failure_requeue import record_fit_error
@@ -62,7 +62,7 @@ def config_error(err: BaseException) -> ConfigError | None:
         if isinstance(err, (ValueError, TypeError)) and _raised_by_us(err.__traceback__):
             ours = err
         err = err.__cause__ or err.__context__
-    return ConfigError(str(ours).strip().splitlines()[0]) if ours is not None else None
+    return ConfigError(first_line(ours)) if ours is not None else None
 
 
 class LogConfigCallback(SaveConfigCallback):

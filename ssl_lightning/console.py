@@ -19,6 +19,12 @@ UNACTIONABLE_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
 UNACTIONABLE_LOG_PREFIXES: tuple[str, ...] = ("💡 Tip: For seamless cloud logging",)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): what a one-line error quotes."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class _DropPrefixes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(UNACTIONABLE_LOG_PREFIXES)

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from ssl_lightning.console import first_line
+
 _local_only = False
 
 
@@ -160,7 +162,7 @@ def peer_failure(exc: BaseException) -> str | None:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc)
         if isinstance(exc, (RuntimeError, dist.DistError)) and any(s in first.lower() for s in PEER_FAILURE_SIGNS):
             return first
         exc = exc.__cause__ or exc.__context__

@@ -36,6 +36,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from ssl_lightning.callbacks.preemption import slurm_job_id
 from ssl_lightning.callbacks.summary import write_json
 from ssl_lightning.checkpointing import CHECKPOINT_DIR, RECORD_SUFFIX
+from ssl_lightning.console import first_line
 
 RECORD_FILE = "failure_requeues.json"
 PEER_LOST_EXIT = 3  # ssl_lightning.cli: this rank lost another process of the run
@@ -50,10 +51,9 @@ def record_fit_error(err: BaseException, exit_code: int) -> None:
     if not directory:
         return
     rank = rank_zero_only.rank  # the strategy's global rank; before its setup, the launcher's environment
-    first_line = (str(err).strip().splitlines() or [""])[0]
     with contextlib.suppress(OSError):  # a full disk must not hide the error itself
         write_json(Path(directory) / f"fit_error-rank{rank}.json",
-                   {"rank": rank, "exit_code": exit_code, "error": f"{type(err).__name__}: {first_line}"})
+                   {"rank": rank, "exit_code": exit_code, "error": f"{type(err).__name__}: {first_line(err)}"})
 
 
 def fit_errors(run_dir: Path) -> list[dict]:
