@@ -18,8 +18,9 @@ nvJPEG on CUDA) and cuts the same boxes there with BatchedViews' ``crop_resize_f
 Deviations from the per-sample pipeline: the crop is resized by PIL (antialiased bilinear, which
 torchvision's tensor resize was built to match) on the uint8 image: within 1 uint8 level of
 torchvision's crop-then-resize. A JPEG may be DCT-reduced first (only when every crop stays >= 2x
-downscaled after it): a mean 0.002 levels on the benchmark's JPEGs, 0.9 on images with strong
-per-pixel colour noise (tests/test_image_folder_crops.py).
+downscaled after it): against torchvision on the full decode, a mean 0.032 levels on the benchmark's
+JPEGs (docs/image_folders.md), 0.87 on images with strong per-pixel colour noise
+(tests/test_image_folder_crops.py).
 """
 from __future__ import annotations
 
