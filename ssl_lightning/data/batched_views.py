@@ -272,7 +272,8 @@ def _banded_rows(matrix: Tensor, x: Tensor, half: int, block: int = 32) -> Tenso
 
 # From this kernel size on (views of 110 px and more) the banded matmuls are faster than the depthwise
 # conv on a CPU: 1.2-2.4x at 128 px (kernel 13), 2.5-3.2x at 224 px (three runs of
-# ``benchmarks/throughput.py --imagefolder``, which prints these costs, 2026-12-03). For the small
+# ``benchmarks/throughput.py --imagefolder``, which prints these costs, 2026-12-03, loaded machine; on the
+# idle machine later that day 0.74-2.0x at 128 px, i.e. a tie there, and 2.3-2.4x at 224 px). For the small
 # kernels of 28-32 px views (kernel 3) the conv took 0.56-0.64x the time (one thread, 256 views). At
 # 96 px (kernel 9) the banded products were 1.0-1.6x faster; the switch is not tuned between 32 and 96 px.
 BANDED_BLUR_MIN_KERNEL = 11
