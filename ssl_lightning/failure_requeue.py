@@ -34,7 +34,7 @@ from pathlib import Path
 from pytorch_lightning.utilities import rank_zero_only
 
 from ssl_lightning.callbacks.preemption import slurm_job_id
-from ssl_lightning.callbacks.summary import write_json
+from ssl_lightning.callbacks.summary import read_json, write_json
 from ssl_lightning.checkpointing import CHECKPOINT_DIR, RECORD_SUFFIX
 from ssl_lightning.console import first_line
 
@@ -84,8 +84,7 @@ def newest_checkpoint_record(run_dir: Path) -> str | None:
 
 
 def past_requeues(run_dir: Path) -> list[dict]:
-    path = run_dir / RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    return read_json(run_dir / RECORD_FILE) or []
 
 
 def refusal(run_dir: Path, exit_code: int, max_requeues: int, job: str | None, past: list[dict],

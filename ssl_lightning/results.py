@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
 from collections import Counter
 from pathlib import Path
 
-from ssl_lightning.callbacks.summary import SUMMARY_FILE
+from ssl_lightning.callbacks.summary import SUMMARY_FILE, read_json, read_summary
 from ssl_lightning.sweep import TASK_FILE
 
 # columns of the grouped table, in this order, when any run has them
@@ -32,8 +31,8 @@ MEASURED = ("finished", "collapsed")  # statuses whose numbers enter the means
 
 def load_run(run_dir: Path) -> dict:
     """One row: name, config, overrides, seed, status, error and the flat metrics of one run directory."""
-    task = _read(run_dir / TASK_FILE) or {}
-    summary = _read(run_dir / SUMMARY_FILE) or {}
+    task = read_json(run_dir / TASK_FILE) or {}
+    summary = read_summary(run_dir) or {}
     metrics = {**summary.get("final", {}), **{f"best/{k}": v for k, v in summary.get("best", {}).items()},
                **summary.get("eval", {})}
     for key in ("step", "wall_seconds"):
@@ -45,10 +44,6 @@ def load_run(run_dir: Path) -> dict:
             "seed": task.get("seed") if task.get("seed") is not None else summary.get("seed"),
             "status": summary.get("status", "pending"),
             "error": summary.get("error") or summary.get("eval_error") or "", "metrics": metrics}
-
-
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def collect(root: Path) -> list[dict]:

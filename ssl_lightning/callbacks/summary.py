@@ -31,9 +31,13 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_summary(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / SUMMARY_FILE
+def read_json(path: Path) -> dict | list | None:
+    """What write_json wrote to ``path``; None when there is no such file."""
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    return read_json(Path(run_dir) / SUMMARY_FILE)
 
 
 class FitSummary(pl.Callback):
