@@ -257,7 +257,7 @@ BAD_VALUES = [  # (arguments, what the one line must contain)
     (["--checkpoint.keep_last", "0"], "checkpoint.keep_last 0 must be >= 1"),
     (["--checkpoint.every_n_epochs", "-1"], "checkpoint.every_n_epochs -1 must be >= 0"),
     (["--trainer.max_epochs", "abc"], "trainer.max_epochs 'abc' is not accepted (expected int)"),
-    (["--trainer.precision", "17"], "trainer.precision '17' is not accepted (expected one of 64, 32, 16"),
+    (["--trainer.precision", "17"], "trainer.precision '17' is not accepted (expected one of 'auto' or one of 64, 32, 16"),
     (["--weights_only", "false"], "weights_only false is not supported"),
     (["--model.init_args.backbone", "resnet999"], "unknown backbone 'resnet999'; choose one of"),
     (["--preemption.signal_name", "SIGFOO"], "unknown signal 'SIGFOO'"),
