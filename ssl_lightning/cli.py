@@ -30,6 +30,8 @@ from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.distributed import peer_failure
 from ssl_lightning.failure_requeue import record_fit_error
 from ssl_lightning.methods import METHODS, SSLMethod
+from ssl_lightning.precision import accept_auto, resolve_precision
+from ssl_lightning.strategy import RENDEZVOUS_TIMEOUT_S
 from ssl_lightning.wandb_run import (
     WANDB_LOGGER_CLASSES,
     default_logger_config,
@@ -152,14 +154,19 @@ class SSLCLI(LightningCLI):
         return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        precision = parser._option_string_actions["--trainer.precision"]  # Lightning's choices plus "auto"
+        precision._typehint = accept_auto(precision._typehint)
         parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(FitSummary, "summary")
         parser.add_lightning_class_args(SpectrumMonitor, "spectrum")
         parser.add_lightning_class_args(KNNMonitor, "knn")
         parser.add_lightning_class_args(PreemptionHandler, "preemption")
         parser.add_argument("--collective_timeout_s", type=int, default=COLLECTIVE_TIMEOUT_S,
-                            help="with strategy ddp: a collective that waits longer for another process "
-                                 "(dead or hung) ends the run with an error instead of hanging")
+                            help="with strategy ddp: once training runs, a collective that waits longer for "
+                                 "another process (dead or hung) ends the run with an error instead of hanging")
+        parser.add_argument("--rendezvous_timeout_s", type=int, default=RENDEZVOUS_TIMEOUT_S,
+                            help="with strategy ddp: how long ranks may take to start, join and finish the "
+                                 "first training step together (nodes of a job may start minutes apart)")
         parser.link_arguments("data.batch_size", "model.init_args.batch_size")
         for source, target in (("num_classes", "num_classes"), ("channels", "in_chans"), ("image_size", "image_size")):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
@@ -181,11 +188,16 @@ class SSLCLI(LightningCLI):
                                   "that a checkpoint file cannot run code; drop --weights_only")
             config.weights_only = True
         trainer = config.trainer
-        if config.collective_timeout_s <= 0:
-            raise ConfigError(f"collective_timeout_s {config.collective_timeout_s} must be > 0 (seconds), e.g. 600")
-        if trainer.strategy == "ddp":  # Lightning's DDPStrategy with our timeout instead of torch's 30 minutes
-            trainer.strategy = {"class_path": "pytorch_lightning.strategies.DDPStrategy",
-                                "init_args": {"timeout": timedelta(seconds=config.collective_timeout_s)}}
+        trainer.precision, line = resolve_precision(trainer.precision, trainer.accelerator)
+        if line and rank_zero_only.rank == 0:
+            print(line, file=sys.stderr, flush=True)
+        for key, example in (("collective_timeout_s", 600), ("rendezvous_timeout_s", RENDEZVOUS_TIMEOUT_S)):
+            if config[key] <= 0:
+                raise ConfigError(f"{key} {config[key]} must be > 0 (seconds), e.g. {example}")
+        if trainer.strategy == "ddp":  # DDP with our two timeouts instead of torch's one of 30 minutes
+            trainer.strategy = {"class_path": "ssl_lightning.strategy.TwoTimeoutDDPStrategy",
+                                "init_args": {"rendezvous_timeout": timedelta(seconds=config.rendezvous_timeout_s),
+                                              "collective_timeout": timedelta(seconds=config.collective_timeout_s)}}
         if not trainer.default_root_dir:
             method = str(config.model.class_path).rsplit(".", 1)[-1].lower()
             trainer.default_root_dir = str(Path("runs") / f"{config.data.dataset}-{method}")
@@ -240,7 +252,7 @@ def main(args: list[str] | None = None) -> None:
         sys.stderr.flush()
         print(f"error: rank {rank_zero_only.rank} lost another process of "
               f"this distributed run in a collective ({lost}); that process died or did not answer within "
-              "collective_timeout_s. The newest valid checkpoint is kept: resume with --ckpt_path last "
+              "collective_timeout_s (rendezvous_timeout_s until the first step is done). The newest valid checkpoint is kept: resume with --ckpt_path last "
               "(a job of ssl-lightning submit requeues itself: --max-failure-requeues)", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
 

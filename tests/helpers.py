@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -62,6 +63,18 @@ class SignalAtStep(pl.Callback):
         if (trainer.global_step == self.step - 1 and self.rank in (None, trainer.global_rank)
                 and self.restart in (None, attempt)):
             os.kill(os.getpid(), self.signum)
+
+
+class SleepAtSetup(pl.Callback):
+    """Rank ``rank`` starts ``seconds`` late (after the process group exists, before the model is
+    broadcast), as a rank of a loaded machine or a late node would."""
+
+    def __init__(self, rank: int, seconds: float):
+        self.rank, self.seconds = rank, seconds
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.global_rank == self.rank:
+            time.sleep(self.seconds)
 
 
 class StopAfterEpochs(pl.Callback):

@@ -86,12 +86,25 @@ def test_surviving_rank_stops_with_one_line_and_the_run_resumes(tmp_path, signum
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 16, "resumed to the end"
 
 
-def test_collective_timeout_must_be_positive(capsys):
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_rank_that_starts_late_is_waited_for_under_the_rendezvous_timeout(tmp_path):
+    """Rank 1 starts 12 s late; the collective timeout (5 s) applies only once both ranks have done a
+    step, so the fit finishes. With one timeout for both, as before, rank 0 stopped at start-up."""
+    late = '{"class_path": "helpers.SleepAtSetup", "init_args": {"rank": 1, "seconds": 12}}'
+    code, err = finish(ddp_fit(tmp_path, "--collective_timeout_s", "5", "--rendezvous_timeout_s", "120",
+                               "--trainer.callbacks+", late), limit_s=240)
+    assert code == 0, err[-3000:]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 16
+
+
+@pytest.mark.parametrize("key", ["collective_timeout_s", "rendezvous_timeout_s"])
+def test_timeouts_must_be_positive(capsys, key):
     from ssl_lightning.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(REPO / "experiments/fashion_mnist/vicreg.yaml"), *TINY_CLI_ARGS,
-              "--collective_timeout_s", "0", "--trainer.logger", "false"])
+              f"--{key}", "0", "--trainer.logger", "false"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        "error: collective_timeout_s 0 must be > 0 (seconds), e.g. 600"
+    example = 600 if key == "collective_timeout_s" else 1800
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {key} 0 must be > 0 (seconds), e.g. {example}"
