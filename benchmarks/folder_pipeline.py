@@ -9,13 +9,16 @@ of DataLoader workers and the same batch size, times training batches made ready
   does the rest), through SSLDataModule itself;
 * GPU decode (CUDA only): ``data.decode: device`` (the workers read the bytes, the GPU decodes and crops).
 
-It first prints the per-image decoder costs on one core that decide which decoder runs when.
+It first prints the per-image decoder costs on one core that decide which decoder runs when, and the
+blur costs and the blur kernel ``BatchedViews`` picks here; then the CPU (``backbone_step.cpu_summary``).
+Each pipeline's line has images/s and the CPU time per image of the main process and the workers.
 
 Recipes: (a) BYOL, 2 x 224 px, views of experiments/imagenet100/byol.yaml; (b) DINO multi-crop,
 2 x 224 px (scale 0.4-1) + 6 x 96 px (scale 0.05-0.4, blur p 0.5), the paper's recipe.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -25,11 +28,13 @@ import yaml
 from PIL import Image
 
 from ssl_lightning.allocator import keep_freed_memory
-from ssl_lightning.data.batched_views import banded_blur, conv_blur
+from ssl_lightning.data import batched_views
+from ssl_lightning.data.batched_views import CPU_CHUNK_BYTES, banded_blur, blur_kernel_for, conv_blur
 from ssl_lightning.data.crops import crop_boxes, crops_on_device, cut_crops, min_side_ratio, sample_generator
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.data.decode import decode as decode_image, decode_jpegs, open_image
 from ssl_lightning.data.views import ViewConfig, blur_kernel_size
+from backbone_step import cpu_summary
 from timing import clock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,13 +78,31 @@ def write_image_folder(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds these processes have used so far (Linux /proc; 0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK") if total else 0.0
+
+
 def images_per_second(root: Path, views: list[ViewConfig], augment: str, *, workers: int, batch_size: int,
-                      batches: int, device: torch.device, decode: str = "workers") -> float:
-    """Training batches of ``batch_size`` images made ready on ``device`` per second (views included)."""
+                      batches: int, device: torch.device, decode: str = "workers") -> tuple[float, float]:
+    """(training batches of ``batch_size`` images made ready on ``device`` per second (views included),
+    CPU ms per image of the main process and the workers together).
+
+    On a shared machine the first swings with the load; the second much less: on an otherwise idle
+    2-core machine, where either pipeline keeps both cores busy, their ratio is about the rates' ratio.
+    """
     data = SSLDataModule(dataset="imagefolder", data_dir=str(root), batch_size=batch_size, num_workers=workers,
                          views=views, augment=augment, labelled=False, decode=decode)
     data.setup("fit")
     iterator = iter(data.train_dataloader())
+    pids = [os.getpid(), *(w.pid for w in getattr(iterator, "_workers", []))]
 
     def next_views() -> None:
         batch = next(iterator)
@@ -91,10 +114,11 @@ def images_per_second(root: Path, views: list[ViewConfig], augment: str, *, work
 
     for _ in range(2 * workers + 1):  # untimed: worker start-up and the batches they prefetch meanwhile
         next_views()
-    start = clock()
+    start, cpu = clock(), cpu_seconds(pids)
     for _ in range(batches):
         next_views()
-    return batches * batch_size / (clock() - start)
+    seconds, cpu = clock() - start, cpu_seconds(pids) - cpu
+    return batches * batch_size / seconds, cpu / (batches * batch_size) * 1e3
 
 
 def report(root: Path, *, workers: int, batch_size: int, batches: int, device: torch.device) -> None:
@@ -114,12 +138,16 @@ def report(root: Path, *, workers: int, batch_size: int, batches: int, device: t
     decoder_costs(sorted((root / "train").glob("*/*.jpg"))[:100])
     crop_deviation(sorted((root / "train").glob("*/*.jpg"))[:50])
     print(f"{root}: {len(list((root / 'train').glob('*/*.jpg')))} JPEGs, {workers} workers, batch {batch_size}, "
-          f"{batches} timed batches, {time.strftime('%Y-%m-%d %H:%M')}")
+          f"{batches} timed batches, {time.strftime('%Y-%m-%d %H:%M')}, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(cpu_summary())
     for name, views in recipes().items():
-        rates = [images_per_second(root, views, augment, workers=workers, batch_size=batch_size, batches=batches,
-                                   device=device, decode=decode) for _, augment, decode in modes]
-        cells = "   ".join(f"{label} {rate:7.1f} img/s" for (label, _, _), rate in zip(modes, rates))
-        print(f"{name}: {cells}   ratio {rates[1] / rates[0]:.2f}x")
+        rates, cpu_ms = zip(*(images_per_second(root, views, augment, workers=workers, batch_size=batch_size,
+                                                batches=batches, device=device, decode=decode)
+                              for _, augment, decode in modes))
+        cells = "   ".join(f"{label} {rate:7.1f} img/s ({ms:.1f} CPU ms/img)"
+                           for (label, _, _), rate, ms in zip(modes, rates, cpu_ms))
+        print(f"{name}: {cells}   ratio {rates[1] / rates[0]:.2f}x (CPU time {cpu_ms[0] / cpu_ms[1]:.2f}x)")
 
 
 def _ms_per_call(fn, items) -> float:
@@ -131,7 +159,8 @@ def _ms_per_call(fn, items) -> float:
 
 
 def decoder_costs(files: list[Path]) -> None:
-    """ms per image on one thread: the decoders, one 224 px crop, and the blur (conv vs banded matmuls)."""
+    """ms per image on one thread: the decoders, one 224 px crop, and the blur (conv vs banded matmuls,
+    on one CPU chunk of views) with the kernel ``blur_kernel_for`` picks (timed in this process)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     data = [f.read_bytes() for f in files]
@@ -145,14 +174,19 @@ def decoder_costs(files: list[Path]) -> None:
              "PIL crop + resize to 224": _ms_per_call(
                  lambda image: image.crop((10, 10, 260, 250)).resize((224, 224), Image.Resampling.BILINEAR),
                  [decode_image(open_image(f), 3) for f in files[:20]])}
-    sigma = torch.rand(32) * 1.9 + 0.1
-    for size in (96, 128, 224):  # around BANDED_BLUR_MIN_KERNEL, and the 224 px views
-        views, kernel = torch.rand(32, 3, size, size), blur_kernel_size(size)
+    choices = []
+    for size in (96, 128, 224):  # the local views, around BANDED_BLUR_MIN_KERNEL, and the 224 px views
+        # one chunk of views, what BatchedViews blurs at once on a CPU (CPU_CHUNK_BYTES)
+        count = max(1, CPU_CHUNK_BYTES // (3 * size * size * 4))
+        views, kernel, sigma = torch.rand(count, 3, size, size), blur_kernel_size(size), torch.rand(count) * 1.9 + 0.1
         for name, blur in (("banded matmuls", banded_blur), ("depthwise conv2d", conv_blur)):
             costs[f"{size} px view blur (kernel {kernel}), {name}"] = _ms_per_call(
-                lambda x: blur(x, sigma, kernel), [views] * 3) / len(views)
+                lambda x: blur(x, sigma, kernel), [views] * max(3, 96 // count)) / count
+        choices.append(f"{size} px {blur_kernel_for(views, sigma, kernel)}")
     torch.set_num_threads(threads)
     print("one thread, ms per image: " + ", ".join(f"{name} {ms:.2f}" for name, ms in costs.items()))
+    setting = batched_views.BLUR_KERNEL or os.environ.get("SSL_LIGHTNING_BLUR", "auto")
+    print(f"blur kernel ({setting}): {', '.join(choices)}")
 
 
 def crop_deviation(files: list[Path], size: int = 64) -> None:

@@ -10,9 +10,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_lightning.data.batched_views import (BatchedViews, adjust_contrast, adjust_hue, adjust_saturation,
-                                              color_jitter_, crop_resize_flip, gaussian_blur_,
-                                              random_resized_crop_params)
-from ssl_lightning.data.views import MultiViewTransform, ViewConfig
+                                              banded_blur, color_jitter_, conv_blur, crop_resize_flip,
+                                              gaussian_blur_, random_resized_crop_params)
+from ssl_lightning.data.views import MultiViewTransform, ViewConfig, blur_kernel_size
 
 MEAN3, STD3 = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 MEAN1, STD1 = (0.29,), (0.32,)
@@ -176,13 +176,123 @@ def test_contrast_and_saturation_match_torchvision(channels):
             torch.testing.assert_close(out[i], ref(x[i], factor[i].item()), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kernel_size", [3, 5, 13])  # 13: banded matrix products, 3 and 5: depthwise conv
-def test_gaussian_blur_matches_torchvision(kernel_size):
-    x, sigma = torch.rand(20, 3, 12, 9, generator=gen(1)), torch.rand(20, generator=gen(2)) * 1.9 + 0.1
+@pytest.mark.parametrize("kernel", ["banded", "conv"])
+@pytest.mark.parametrize("kernel_size, height, width", [(3, 12, 9), (5, 12, 9), (13, 12, 9), (23, 24, 20)])
+def test_gaussian_blur_matches_torchvision(kernel, kernel_size, height, width, monkeypatch):
+    """Both blur kernels, forced: equal to torchvision's per-image blur (reflect padding) to 1e-5."""
+    from ssl_lightning.data import batched_views
+
+    monkeypatch.setattr(batched_views, "BLUR_KERNEL", kernel)
+    x, sigma = torch.rand(20, 3, height, width, generator=gen(1)), torch.rand(20, generator=gen(2)) * 1.9 + 0.1
     out = gaussian_blur_(x.clone(), sigma, kernel_size)
     for i in range(20):
         ref = TF.gaussian_blur(x[i], [kernel_size, kernel_size], [sigma[i].item()] * 2)
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+def test_blur_kernels_agree_on_full_size_views():
+    """The auto choice may pick either kernel: at the recipes' sizes (96 px, kernel 9; 224 px, kernel 23)
+    they give the same views to 1e-5 in [0, 1] (float rounding; 1/255 is 4e-3)."""
+    for size in (96, 224):
+        x, sigma = torch.rand(3, 3, size, size, generator=gen(3)), torch.rand(3, generator=gen(4)) * 1.9 + 0.1
+        kernel = blur_kernel_size(size)
+        torch.testing.assert_close(banded_blur(x, sigma, kernel), conv_blur(x, sigma, kernel), atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def fresh_blur_choices(monkeypatch):
+    """An empty choice cache and no forced kernel, restored after the test."""
+    from ssl_lightning.data import batched_views
+
+    monkeypatch.setattr(batched_views, "_blur_choices", {})
+    monkeypatch.setattr(batched_views, "BLUR_KERNEL", None)
+    monkeypatch.delenv("SSL_LIGHTNING_BLUR", raising=False)
+    return batched_views
+
+
+@pytest.mark.parametrize("slow", ["banded", "conv"])
+def test_auto_blur_picks_the_kernel_that_measures_faster(fresh_blur_choices, monkeypatch, slow):
+    """A kernel made 20 ms slower per call loses the timing (the default for kernel 3, conv, too); the
+    choice is then cached per (device, view shape, kernel size, dtype), whatever the number of views."""
+    import time
+
+    bv = fresh_blur_choices
+    calls = {name: 0 for name in bv.BLUR_KERNELS}
+
+    def counted(name, blur):
+        def run(*args):
+            calls[name] += 1
+            if name == slow:
+                time.sleep(0.02)
+            return blur(*args)
+        return run
+
+    monkeypatch.setattr(bv, "BLUR_KERNELS", {name: counted(name, f) for name, f in bv.BLUR_KERNELS.items()})
+    x, sigma = torch.rand(8, 3, 16, 16, generator=gen(1)), torch.rand(8, generator=gen(2)) + 0.5
+    gaussian_blur_(x.clone(), sigma, 3)
+    fast = "conv" if slow == "banded" else "banded"
+    assert list(bv._blur_choices.values()) == [fast]
+    timed = dict(calls)  # 1 warm-up + BLUR_TIMING_REPEATS timed calls each, then the blur itself
+    assert timed == {slow: 1 + bv.BLUR_TIMING_REPEATS, fast: 2 + bv.BLUR_TIMING_REPEATS}
+    gaussian_blur_(x[:5].clone(), sigma[:5], 3)  # fewer views: the same key, no timing
+    assert calls == {slow: timed[slow], fast: timed[fast] + 1}
+    gaussian_blur_(torch.rand(2, 3, 20, 20), sigma[:2], 3)  # another shape: timed once more
+    assert len(bv._blur_choices) == 2
+
+
+@pytest.mark.parametrize("kernel_size, seconds, expected", [
+    (23, {"banded": 1.0, "conv": 0.85}, "banded"),  # default banded (kernel >= 11); conv 1.18x faster: a tie
+    (23, {"banded": 1.0, "conv": 0.7}, "conv"),     # conv 1.43x faster (the EPYC at 224 px): it switches
+    (3, {"banded": 0.9, "conv": 1.0}, "conv"),      # default conv (kernel < 11); banded 1.11x faster: a tie
+    (3, {"banded": 0.5, "conv": 1.0}, "banded")])
+def test_auto_blur_leaves_the_default_only_for_a_clearly_faster_kernel(fresh_blur_choices, monkeypatch,
+                                                                       kernel_size, seconds, expected):
+    """BLUR_SWITCH_RATIO 1.25: a near tie keeps the fixed rule, so timing noise on a tie does not make a
+    resumed run (another process) pick another kernel than the run it resumes."""
+    monkeypatch.setattr(fresh_blur_choices, "time_blurs", lambda *args: seconds)
+    x = torch.rand(2, 3, 24, 24)
+    assert fresh_blur_choices.blur_kernel_for(x, torch.ones(2), kernel_size) == expected
+
+
+def test_blur_kernel_can_be_forced_and_skips_timing(fresh_blur_choices, monkeypatch):
+    bv = fresh_blur_choices
+    monkeypatch.setattr(bv, "time_blurs", lambda *args: pytest.fail("a forced kernel must not be timed"))
+    x, sigma = torch.rand(4, 3, 16, 16), torch.rand(4) + 0.5
+    monkeypatch.setenv("SSL_LIGHTNING_BLUR", "conv")
+    assert bv.blur_kernel_for(x, sigma, 3) == "conv"
+    monkeypatch.setattr(bv, "BLUR_KERNEL", "banded")  # the module setting wins over the environment
+    assert bv.blur_kernel_for(x, sigma, 3) == "banded"
+    monkeypatch.setattr(bv, "BLUR_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="'fastest' .* is not one of auto, banded, conv"):
+        bv.blur_kernel_for(x, sigma, 3)
+    monkeypatch.setattr(bv, "BLUR_KERNEL", "auto")
+    torch.use_deterministic_algorithms(True)  # as Trainer(deterministic=True): the fixed rule, no timing
+    try:
+        assert [bv.blur_kernel_for(x, sigma, k) for k in (3, 9, 11, 23)] == ["conv", "conv", "banded", "banded"]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not bv._blur_choices
+
+
+@pytest.mark.parametrize("whole_images", [False, True])
+def test_views_do_not_depend_on_the_cpu_chunk_size(whole_images, monkeypatch):
+    """On a CPU the ops after the crop run a chunk of samples at a time (CPU_CHUNK_BYTES); every random
+    draw is made for the whole batch first, so one sample per chunk and the whole batch in one chunk
+    give the same views (1e-6 in normalised units: the matmuls of the crop may round differently)."""
+    from ssl_lightning.data import batched_views
+
+    monkeypatch.setattr(batched_views, "BLUR_KERNEL", "banded")  # the same kernel for both
+    configs = [ViewConfig(size=16, jitter_p=0.8, grayscale_p=0.3, blur_p=0.5, solarize_p=0.4),
+               ViewConfig(size=12, count=2, scale=(0.05, 0.4), blur_p=1.0)]
+    views = BatchedViews(configs, MEAN3, STD3)
+    batch = images(24, 3, size=20) if whole_images else [images(24 * c.count, 3, size=c.size).view(
+        24, c.count, 3, c.size, c.size) for c in configs]
+    out = {}
+    for chunk_bytes in (1, 1 << 30):
+        monkeypatch.setattr(batched_views, "CPU_CHUNK_BYTES", chunk_bytes)
+        out[chunk_bytes] = views(batch, gen(9))
+    for one, whole in zip(out[1], out[1 << 30]):
+        torch.testing.assert_close(one, whole, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

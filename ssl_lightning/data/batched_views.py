@@ -13,12 +13,18 @@ Python loop runs over samples. Deviations from the per-sample pipeline:
 Crop + resize matches torchvision's antialiased bilinear resized_crop (up to that quantisation).
 
 All randomness comes from ``generator`` (which must live on the images' device), so a seeded
-generator makes the views deterministic.
+generator makes the views deterministic. Every draw is made for the whole batch; on a CPU the ops then
+run a chunk of samples at a time (``CPU_CHUNK_BYTES``), which does not change the views. The blur runs
+as banded matrix products or depthwise convs, whichever this machine measures faster (``BLUR_KERNEL``);
+the two agree to float rounding.
 """
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -206,33 +212,45 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     return d.sub_(1).clamp_(0, 1).mul_(delta.unsqueeze(1)).add_(minc.unsqueeze(1)).clamp_(0, 1)
 
 
+def jitter_params(n: int, brightness: float, contrast: float, saturation: float, hue: float, channels: int,
+                  generator: torch.Generator | None = None, device: torch.device | str | None = None
+                  ) -> tuple[Tensor, list[int]]:
+    """``v2.ColorJitter(b, c, s, h)``'s random draws for n samples: (factors (n, 4), op order).
+
+    Factors are per sample, uniform in [max(0, 1 - b), 1 + b] (same for c, s) and hue shifts in [-h, h];
+    every factor is drawn even when its op is off, so the random stream does not depend on which ops are
+    on. The order lists the ops that run (magnitude > 0; saturation and hue not on 1-channel images) in
+    ONE random order for the whole batch (torchvision draws an order per image), read on the host: one
+    sync per call on CUDA.
+    """
+    if hue > 0.5:
+        raise ValueError(f"hue jitter {hue} must be at most 0.5, as in ColorJitter")
+    rgb = channels == 3
+    magnitudes = (brightness, contrast, saturation if rgb else 0.0, hue if rgb else 0.0)
+    bounds = [(max(0.0, 1 - m), 1 + m) for m in (brightness, contrast, saturation)] + [(-hue, hue)]
+    factors = torch.stack([_uniform((n,), *b, generator, device) for b in bounds], dim=1)
+    order = [k for k in torch.randperm(4, generator=generator, device=device).tolist() if magnitudes[k] > 0]
+    return factors, order
+
+
+_JITTER_OPS = (_brightness_, _contrast_, _saturation_, adjust_hue)  # the column order of jitter_params' factors
+
+
+def apply_jitter(x: Tensor, factors: Tensor, order: Sequence[int]) -> Tensor:
+    """(n, C, H, W) in [0, 1], factors (n, 4) -> jittered (may overwrite x): the ops in ``order``."""
+    for k in order:
+        x = _JITTER_OPS[k](x, factors[:, k])
+    return x
+
+
 def color_jitter_(x: Tensor, brightness: float, contrast: float, saturation: float, hue: float,
                   apply_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """(n, C, H, W) in [0, 1], in place: ``v2.ColorJitter(b, c, s, h)`` where apply_mask (n,) is True.
 
-    Factors are per sample, uniform in [max(0, 1 - b), 1 + b] (same for c, s) and hue shifts in [-h, h];
-    a zero magnitude skips that op. The four ops run in ONE random order for the whole batch
-    (torchvision draws an order per image); that order is read on the host, one sync per call on CUDA.
-    Saturation and hue do nothing on 1-channel images.
+    The draws of ``jitter_params``; a zero magnitude skips that op, like ColorJitter's ``None``.
     """
-    if hue > 0.5:
-        raise ValueError(f"hue jitter {hue} must be at most 0.5, as in ColorJitter")
-    n, device, rgb = x.shape[0], x.device, x.shape[1] == 3
-    ops = [(_brightness_, brightness, (max(0.0, 1 - brightness), 1 + brightness)),
-           (_contrast_, contrast, (max(0.0, 1 - contrast), 1 + contrast)),
-           (_saturation_, saturation if rgb else 0.0, (max(0.0, 1 - saturation), 1 + saturation)),
-           (adjust_hue, hue if rgb else 0.0, (-hue, hue))]
-    # Every factor is drawn even when its op is skipped, so the random stream does not depend on
-    # which ops are on; a zero magnitude skips the op, like ColorJitter's `None` parameters.
-    factors = torch.stack([_uniform((n,), *bounds, generator, device) for _, _, bounds in ops], dim=1)
-    order = [k for k in torch.randperm(4, generator=generator, device=device).tolist() if ops[k][1] > 0]
-
-    def jitter(images: Tensor, per_sample: Tensor) -> Tensor:
-        for k in order:
-            images = ops[k][0](images, per_sample[:, k])
-        return images
-
-    return _per_sample_(x, apply_mask, jitter, factors)
+    factors, order = jitter_params(len(x), brightness, contrast, saturation, hue, x.shape[1], generator, x.device)
+    return _per_sample_(x, apply_mask, lambda images, f: apply_jitter(images, f, order), factors)
 
 
 def random_grayscale_(x: Tensor, apply_mask: Tensor) -> Tensor:
@@ -270,15 +288,6 @@ def _banded_rows(matrix: Tensor, x: Tensor, half: int, block: int = 32) -> Tenso
     return out
 
 
-# From this kernel size on (views of 110 px and more) the banded matmuls are faster than the depthwise
-# conv on a CPU: 1.2-2.4x at 128 px (kernel 13), 2.5-3.2x at 224 px (three runs of
-# ``benchmarks/throughput.py --imagefolder``, which prints these costs, 2026-12-03, loaded machine; on the
-# idle machine later that day 0.74-2.0x at 128 px, i.e. a tie there, and 2.3-2.4x at 224 px). For the small
-# kernels of 28-32 px views (kernel 3) the conv took 0.56-0.64x the time (one thread, 256 views). At
-# 96 px (kernel 9) the banded products were 1.0-1.6x faster; the switch is not tuned between 32 and 96 px.
-BANDED_BLUR_MIN_KERNEL = 11
-
-
 def banded_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     """(n, C, H, W), sigma (n,) -> blurred (n, C, H, W): banded matrix products along the rows, then
     (transposed) the columns; exact up to float rounding."""
@@ -304,14 +313,84 @@ def conv_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     return out.view(n, channels, height, width)
 
 
+# Which blur kernel runs is measured, not assumed: the faster one depends on the CPU. On the 2-core
+# Intel Xeon (AVX-512, AMX) the banded products were 2.3-2.4x faster than the conv at 224 px and tied
+# at 96-128 px; on a 2-core AMD EPYC (AVX2) the conv was faster at 224 px (2.46 vs 3.53 ms per view).
+# BLUR_KERNEL "auto" times both once per (device type, view shape, kernel size, dtype), the first time
+# such a blur runs, and keeps the choice for the rest of the process (as cuDNN's benchmark mode does);
+# "banded" or "conv" forces one. Set BLUR_KERNEL, or the environment variable SSL_LIGHTNING_BLUR (read
+# when BLUR_KERNEL is None, the default); docs/image_folders.md has the measurements.
+BLUR_KERNEL: str | None = None
+BLUR_KERNELS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {"banded": banded_blur, "conv": conv_blur}
+# The default kernel (the faster one on the Xeon: banded matmuls from kernel 11 on) gives way only to a
+# kernel measured BLUR_SWITCH_RATIO times faster. The two agree only to float rounding, so a choice that
+# flipped between processes on a near tie would make a resumed run differ from an uninterrupted one;
+# the ratio keeps ties (as at 96-128 px on the Xeon) on the default. Under
+# torch.use_deterministic_algorithms (Trainer(deterministic=True)) "auto" does not time at all.
+BANDED_BLUR_MIN_KERNEL = 11
+BLUR_SWITCH_RATIO = 1.25
+BLUR_TIMING_REPEATS = 3
+_blur_choices: dict[tuple, str] = {}
+
+
+def _synchronize(device: torch.device) -> None:
+    module = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, torch.cpu (a no-op)
+    if hasattr(module, "synchronize"):
+        module.synchronize()
+
+
+def time_blurs(x: Tensor, sigma: Tensor, kernel_size: int) -> dict[str, float]:
+    """Seconds per call of each blur kernel on x: one untimed call each (allocations, oneDNN's primitive),
+    then the best of BLUR_TIMING_REPEATS alternating calls. Synchronizes an accelerator around each call:
+    this runs once per shape, never per step."""
+    for blur in BLUR_KERNELS.values():
+        blur(x, sigma, kernel_size)
+    best = dict.fromkeys(BLUR_KERNELS, math.inf)
+    for _ in range(BLUR_TIMING_REPEATS):
+        for name, blur in BLUR_KERNELS.items():
+            _synchronize(x.device)
+            start = time.perf_counter()
+            blur(x, sigma, kernel_size)
+            _synchronize(x.device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def blur_kernel_for(x: Tensor, sigma: Tensor, kernel_size: int) -> str:
+    """"banded" or "conv" for blurring x (n, C, H, W): BLUR_KERNEL if forced, else the measured choice.
+
+    Timed on x itself, at most one chunk of it on a CPU (``CPU_CHUNK_BYTES``: the size BatchedViews
+    blurs at once there; the per-view cost depends on it), the whole of it on an accelerator. The key
+    leaves out n: on a CPU a blur with p < 1 sees a different number of samples every step.
+    """
+    setting = BLUR_KERNEL or os.environ.get("SSL_LIGHTNING_BLUR", "auto")
+    if setting in BLUR_KERNELS:
+        return setting
+    if setting != "auto":
+        raise ValueError(f"blur kernel {setting!r} (batched_views.BLUR_KERNEL or SSL_LIGHTNING_BLUR) is not "
+                         f"one of auto, {', '.join(BLUR_KERNELS)}")
+    default = "banded" if kernel_size >= BANDED_BLUR_MIN_KERNEL else "conv"
+    if torch.are_deterministic_algorithms_enabled():
+        return default
+    key = (x.device.type, *x.shape[1:], kernel_size, x.dtype)
+    if key not in _blur_choices:
+        views = _rows_per_chunk(x)
+        seconds = time_blurs(x[:views], sigma[:views], kernel_size)
+        other = min((name for name in seconds if name != default), key=seconds.get)
+        _blur_choices[key] = other if seconds[default] > BLUR_SWITCH_RATIO * seconds[other] else default
+    return _blur_choices[key]
+
+
 def gaussian_blur_(x: Tensor, sigma: Tensor, kernel_size: int, apply_mask: Tensor | None = None) -> Tensor:
     """(n, C, H, W), sigma (n,), in place: ``v2.functional.gaussian_blur`` with a per-sample sigma.
 
-    Separable, with reflect padding as torchvision pads; each sample gets its own kernel. Large
-    kernels run as banded matrix products, small ones as depthwise convs (whichever is faster).
+    Separable, with reflect padding as torchvision pads; each sample gets its own kernel. Runs as banded
+    matrix products or as depthwise convs, whichever ``blur_kernel_for`` picks (equal up to float rounding).
     """
-    blur = banded_blur if kernel_size >= BANDED_BLUR_MIN_KERNEL else conv_blur
-    return _per_sample_(x, apply_mask, lambda images, s: blur(images, s, kernel_size), sigma)
+    def blur(images: Tensor, s: Tensor) -> Tensor:
+        return BLUR_KERNELS[blur_kernel_for(images, s, kernel_size)](images, s, kernel_size)
+
+    return _per_sample_(x, apply_mask, blur, sigma)
 
 
 def solarize_(x: Tensor, threshold: float = 0.5, apply_mask: Tensor | None = None) -> Tensor:
@@ -320,6 +399,73 @@ def solarize_(x: Tensor, threshold: float = 0.5, apply_mask: Tensor | None = Non
     BatchedViews uses threshold 128/255, i.e. RandomSolarize(threshold=128) on uint8 images.
     """
     return _per_sample_(x, apply_mask, lambda images: torch.where(images >= threshold, 1 - images, images))
+
+
+@dataclass
+class ViewDraws:
+    """One view's per-sample random parameters for the ops after the crop (None: that op is off)."""
+    flip: Tensor | None = None
+    jitter: Tensor | None = None  # apply mask (n,); factors (n, 4) and order as jitter_params
+    factors: Tensor | None = None
+    order: Sequence[int] = ()
+    grayscale: Tensor | None = None
+    sigma: Tensor | None = None
+    blur: Tensor | None = None
+    solarize: Tensor | None = None
+
+    def rows(self, rows: slice) -> ViewDraws:
+        """The draws of the samples in ``rows``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return ViewDraws(**{k: v[rows] if isinstance(v, Tensor) else v for k, v in values.items()})
+
+
+def draw_view(n: int, cfg: ViewConfig, channels: int, generator: torch.Generator | None, device: torch.device,
+              *, flip: bool = True) -> ViewDraws:
+    """The draws of n samples' flip (if ``flip``), jitter, grayscale, blur and solarize, in that order."""
+    draws = ViewDraws()
+    if flip and cfg.hflip_p > 0:
+        draws.flip = _bernoulli(n, cfg.hflip_p, generator, device)
+    if cfg.jitter_p > 0 and any(cfg.jitter):
+        draws.jitter = _bernoulli(n, cfg.jitter_p, generator, device)
+        draws.factors, draws.order = jitter_params(n, *cfg.jitter, channels, generator, device)
+    if channels == 3 and cfg.grayscale_p > 0:
+        draws.grayscale = _bernoulli(n, cfg.grayscale_p, generator, device)
+    if cfg.blur_p > 0:
+        draws.sigma = _uniform((n,), cfg.blur_sigma[0], cfg.blur_sigma[1], generator, device)
+        draws.blur = _bernoulli(n, cfg.blur_p, generator, device)
+    if cfg.solarize_p > 0:
+        draws.solarize = _bernoulli(n, cfg.solarize_p, generator, device)
+    return draws
+
+
+def apply_view_ops_(x: Tensor, draws: ViewDraws, blur_kernel: int) -> Tensor:
+    """float (n, C, S, S) in [0, 1], in place: flip, jitter, grayscale, blur, solarize as ``draws`` say."""
+    if draws.flip is not None:
+        x = _per_sample_(x, draws.flip, lambda images: images.flip(-1))
+    if draws.jitter is not None:
+        x = _per_sample_(x, draws.jitter, lambda images, f: apply_jitter(images, f, draws.order), draws.factors)
+    if draws.grayscale is not None:
+        x = random_grayscale_(x, draws.grayscale)
+    if draws.sigma is not None:
+        x = gaussian_blur_(x, draws.sigma, blur_kernel, draws.blur)
+    if draws.solarize is not None:
+        x = solarize_(x, _SOLARIZE_THRESHOLD, draws.solarize)
+    return x
+
+
+# On a CPU the ops after the crop run on chunks of this many bytes of views (at least one view), all
+# of them on one chunk before the next, so the chunk and the op's temporaries stay in the core's cache
+# instead of streaming the whole batch through memory ~40 times (a 224 px batch of 32 is 19 MB). The
+# random draws are made for the whole batch first, so the views do not depend on the chunking. One
+# 224 px view is 0.6 MB; 1 MiB gives one view per chunk there, nine at 96 px and 85 at 32 px.
+# Accelerators take the whole batch at once (a kernel launch per op and chunk would cost more).
+CPU_CHUNK_BYTES = 1 << 20
+
+
+def _rows_per_chunk(out: Tensor) -> int:
+    if out.device.type != "cpu" or not len(out):
+        return max(1, len(out))
+    return max(1, CPU_CHUNK_BYTES // (out[0].numel() * out.element_size()))
 
 
 class BatchedViews:
@@ -348,18 +494,18 @@ class BatchedViews:
             self._check(images, 4, (self.channels,))
             # float in (N, H, C, W) memory, the layout crop_resize_flip reads without a copy; as v2.ToDtype(scale=True)
             x = images.transpose(1, 2).contiguous().to(torch.float32).mul_(1.0 / 255).transpose(1, 2)
-            views = [self.augment(x, cfg, generator) for cfg in self.configs]
-        else:
-            if len(images) != len(self.kinds):
-                raise ValueError(f"expected crops for {len(self.kinds)} view configs, got {len(images)}")
-            for crops, cfg in zip(images, self.kinds):
-                self._check(crops, 5, (cfg.count, self.channels, cfg.size, cfg.size))
-            views = [self.augment_crop(crops[:, j].to(torch.float32).mul_(1.0 / 255), cfg, generator)
-                     for crops, cfg in zip(images, self.kinds) for j in range(cfg.count)]
-        device = views[0].device
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        return [view.sub_(mean).div_(std) for view in views]
+            return [self.augment(x, cfg, generator, normalise=True) for cfg in self.configs]
+        if len(images) != len(self.kinds):
+            raise ValueError(f"expected crops for {len(self.kinds)} view configs, got {len(images)}")
+        for crops, cfg in zip(images, self.kinds):
+            self._check(crops, 5, (cfg.count, self.channels, cfg.size, cfg.size))
+        views = []
+        for crops, cfg in zip(images, self.kinds):
+            for j in range(cfg.count):
+                out = torch.empty(crops.shape[0], *crops.shape[2:], dtype=torch.float32, device=crops.device)
+                draws = draw_view(len(out), cfg, self.channels, generator, out.device)
+                views.append(self._fill(out, cfg, draws, lambda rows, c=crops[:, j]: c[rows], normalise=True))
+        return views
 
     @staticmethod
     def _check(images: Tensor, ndim: int, dims: tuple[int, ...]) -> None:
@@ -367,29 +513,45 @@ class BatchedViews:
             shape = ", ".join(["N", *map(str, dims)] + ["H", "W"][:ndim - 1 - len(dims)])
             raise ValueError(f"expected a uint8 ({shape}) batch, got {images.dtype} {tuple(images.shape)}")
 
-    def augment(self, x: Tensor, cfg: ViewConfig, generator: torch.Generator | None = None) -> Tensor:
-        """float (N, C, H, W) in [0, 1] -> one un-normalised view (N, C, size, size) in [0, 1]."""
-        n, _, height, width = x.shape
+    def augment(self, x: Tensor, cfg: ViewConfig, generator: torch.Generator | None = None,
+                *, normalise: bool = False) -> Tensor:
+        """float (N, C, H, W) in [0, 1] -> one view (N, C, size, size), in [0, 1] unless ``normalise``."""
+        n, channels, height, width = x.shape
         boxes = random_resized_crop_params(n, height, width, cfg.scale, cfg.ratio, generator, x.device)
         flip = _bernoulli(n, cfg.hflip_p, generator, x.device) if cfg.hflip_p > 0 else None
-        return self.augment_crop(crop_resize_flip(x, boxes, flip, cfg.size), cfg, generator, flipped=True)
+        draws = draw_view(n, cfg, channels, generator, x.device, flip=False)  # the flip is done in the crop
+
+        def crop(rows: slice) -> Tensor:
+            return crop_resize_flip(x[rows], boxes[rows], None if flip is None else flip[rows], cfg.size)
+
+        out = torch.empty(n, channels, cfg.size, cfg.size, device=x.device)
+        return self._fill(out, cfg, draws, crop, normalise=normalise)
 
     def augment_crop(self, out: Tensor, cfg: ViewConfig, generator: torch.Generator | None = None,
                      *, flipped: bool = False) -> Tensor:
         """float (N, C, size, size) crops in [0, 1], in place -> the view: flip (unless ``flipped``, done in
         the crop), jitter, grayscale, blur, solarize; un-normalised, in [0, 1]."""
-        n, channels, dev = out.shape[0], out.shape[1], out.device
-        if not flipped and cfg.hflip_p > 0:
-            out = _per_sample_(out, _bernoulli(n, cfg.hflip_p, generator, dev), lambda images: images.flip(-1))
-        brightness, contrast, saturation, hue = cfg.jitter
-        if cfg.jitter_p > 0 and any(cfg.jitter):
-            out = color_jitter_(out, brightness, contrast, saturation, hue,
-                                _bernoulli(n, cfg.jitter_p, generator, dev), generator)
-        if channels == 3 and cfg.grayscale_p > 0:
-            out = random_grayscale_(out, _bernoulli(n, cfg.grayscale_p, generator, dev))
-        if cfg.blur_p > 0:
-            sigma = _uniform((n,), cfg.blur_sigma[0], cfg.blur_sigma[1], generator, dev)
-            out = gaussian_blur_(out, sigma, blur_kernel_size(cfg.size), _bernoulli(n, cfg.blur_p, generator, dev))
-        if cfg.solarize_p > 0:
-            out = solarize_(out, _SOLARIZE_THRESHOLD, _bernoulli(n, cfg.solarize_p, generator, dev))
+        draws = draw_view(len(out), cfg, out.shape[1], generator, out.device, flip=not flipped)
+        return self._fill(out, cfg, draws)
+
+    def _fill(self, out: Tensor, cfg: ViewConfig, draws: ViewDraws, source: Callable[[slice], Tensor] | None = None,
+              *, normalise: bool = False) -> Tensor:
+        """out (N, C, size, size), in place, a chunk of samples at a time (``CPU_CHUNK_BYTES``): copy the
+        chunk's crops from ``source(rows)`` (uint8 is scaled to [0, 1]), apply the ops, normalise."""
+        if normalise:
+            mean = torch.as_tensor(self.mean, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
+            std = torch.as_tensor(self.std, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
+        step, kernel = _rows_per_chunk(out), blur_kernel_size(cfg.size)
+        for start in range(0, len(out), step):
+            rows = slice(start, start + step)
+            chunk = out[rows]
+            if source is not None:
+                crops = source(rows)
+                if crops.dtype == torch.uint8:
+                    torch.mul(crops, 1.0 / 255, out=chunk)  # as v2.ToDtype(scale=True)
+                else:
+                    chunk.copy_(crops)
+            apply_view_ops_(chunk, draws.rows(rows), kernel)  # in place: every op writes into its input
+            if normalise:
+                chunk.sub_(mean).div_(std)
         return out
