@@ -274,6 +274,27 @@ def test_blur_kernel_can_be_forced_and_skips_timing(fresh_blur_choices, monkeypa
     assert not bv._blur_choices
 
 
+def test_the_chosen_blur_kernels_travel_in_the_checkpoint(fresh_blur_choices, monkeypatch, tmp_path):
+    """A resumed run is a new process, maybe on a busier machine that would time differently: the data
+    module's checkpoint state carries the choices, and the resumed process blurs with them untimed."""
+    from ssl_lightning.data.datamodule import SSLDataModule
+
+    bv = fresh_blur_choices
+    monkeypatch.setattr(bv, "time_blurs", lambda *args: {"banded": 1.0, "conv": 0.5})
+    x, sigma = torch.rand(4, 3, 24, 24), torch.rand(4) + 0.5
+    assert bv.blur_kernel_for(x, sigma, 23) == "conv"
+    saved = bv.blur_choices()
+    assert saved == [["cpu", 3, 24, 24, 23, "float32", "conv"]]
+    torch.save({"blur_kernels": saved}, tmp_path / "state.pt")
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)["blur_kernels"]  # plain data, safe to load
+    bv._blur_choices.clear()
+    monkeypatch.setattr(bv, "time_blurs", lambda *args: pytest.fail("a restored choice must not be timed again"))
+    data = SSLDataModule(dataset="synthetic", batch_size=8, num_workers=0, synthetic_size=16)
+    data.load_state_dict({"epoch": 1, "batches_done": 3, "blur_kernels": saved})
+    assert data._resume_state == {"epoch": 1, "batches_done": 3}
+    assert bv.blur_kernel_for(x, sigma, 23) == "conv"
+
+
 @pytest.mark.parametrize("whole_images", [False, True])
 def test_views_do_not_depend_on_the_cpu_chunk_size(whole_images, monkeypatch):
     """On a CPU the ops after the crop run a chunk of samples at a time (CPU_CHUNK_BYTES); every random

@@ -381,6 +381,19 @@ def blur_kernel_for(x: Tensor, sigma: Tensor, kernel_size: int) -> str:
     return _blur_choices[key]
 
 
+def blur_choices() -> list[list]:
+    """The kernels chosen so far, as plain data for a checkpoint: [device type, C, H, W, kernel, dtype, choice]."""
+    return [[*key[:-1], str(key[-1]).removeprefix("torch."), choice] for key, choice in _blur_choices.items()]
+
+
+def restore_blur_choices(saved: list[list]) -> None:
+    """Take a checkpoint's choices, so that a resumed run (a new process, maybe on a busier machine that
+    would time differently) blurs with the same kernels and stays bit-identical."""
+    for *key, dtype, choice in saved:
+        if choice in BLUR_KERNELS:
+            _blur_choices[(*key, getattr(torch, dtype))] = choice
+
+
 def gaussian_blur_(x: Tensor, sigma: Tensor, kernel_size: int, apply_mask: Tensor | None = None) -> Tensor:
     """(n, C, H, W), sigma (n,), in place: ``v2.functional.gaussian_blur`` with a per-sample sigma.
 
@@ -483,6 +496,16 @@ class BatchedViews:
         self.configs = [c for c in configs for _ in range(c.count)]
         self.mean, self.std = list(mean), list(std)
         self.channels = len(self.mean)
+        self._moments: dict[tuple, tuple[Tensor, Tensor]] = {}  # per (device, dtype): made once, not per batch
+
+    def _mean_std(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """mean and std as (1, C, 1, 1) tensors on like's device: a host-to-device copy (a sync on CUDA)
+        only the first time."""
+        key = (like.device, like.dtype)
+        if key not in self._moments:
+            self._moments[key] = tuple(torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+                                       for v in (self.mean, self.std))
+        return self._moments[key]
 
     def __len__(self) -> int:
         return len(self.configs)
@@ -539,8 +562,7 @@ class BatchedViews:
         """out (N, C, size, size), in place, a chunk of samples at a time (``CPU_CHUNK_BYTES``): copy the
         chunk's crops from ``source(rows)`` (uint8 is scaled to [0, 1]), apply the ops, normalise."""
         if normalise:
-            mean = torch.as_tensor(self.mean, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
-            std = torch.as_tensor(self.std, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
+            mean, std = self._mean_std(out)
         step, kernel = _rows_per_chunk(out), blur_kernel_size(cfg.size)
         for start in range(0, len(out), step):
             rows = slice(start, start + step)

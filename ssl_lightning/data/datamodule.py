@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ssl_lightning.data.batched_views import BatchedViews
+from ssl_lightning.data.batched_views import BatchedViews, blur_choices, restore_blur_choices
 from ssl_lightning.data.crops import DECODE_PLACES, ON_CORRUPT, CroppedViewsDataset, collate_encoded, crops_on_device
 from ssl_lightning.data.resumable import ResumableSampler
 from ssl_lightning.data.datasets import TensorImageDataset, dataset_info, find_data_dir, load_dataset
@@ -242,7 +242,7 @@ class SSLDataModule(pl.LightningDataModule):
         return DataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), collate_fn=collate,
                           **common)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict:
         """Saved in every checkpoint: the epoch and how many of its batches were trained on. (Lightning
         prefetches a batch, so the loader itself cannot know; its own loader-state hook runs too late
         for a resume because configure_optimizers already built the loader.)"""
@@ -250,9 +250,12 @@ class SSLDataModule(pl.LightningDataModule):
         if trainer is None or not trainer.training:
             return {}
         return {"epoch": trainer.current_epoch,
-                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                "blur_kernels": blur_choices()}  # measured per machine; a resumed run keeps them
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state or {})
+        restore_blur_choices(state.pop("blur_kernels", []))
         self._resume_state = state or None
 
     def train_dataloader(self) -> DataLoader:
