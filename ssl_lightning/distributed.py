@@ -1,4 +1,5 @@
-"""The one place for torch.distributed: world size, rank, and gathers that keep gradients.
+"""The one place for torch.distributed: world size, rank, and gathers that keep gradients; and
+``DelayedHostRead``, how the training step reads a device value without waiting for the device.
 
 Every batch statistic in this suite (variance, covariance, cross-correlation, whitening,
 Sinkhorn sums, centers, negatives) is computed on the GLOBAL batch through these helpers.
@@ -6,6 +7,7 @@ Outside a process group they are identities, so the same loss code runs on one d
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -78,7 +80,16 @@ class _AllReduceSumWithGrad(torch.autograd.Function):
         return grad
 
 
+_sizes_checked = False
+
+
 def _check_equal_sizes(x: torch.Tensor) -> None:
+    """Once per process (a host read of every rank's size): with drop_last the sizes cannot change later,
+    and every rank reaches its first check at the same gather, so the collectives stay matched."""
+    global _sizes_checked
+    if _sizes_checked:
+        return
+    _sizes_checked = True
     size = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(size) for _ in range(world_size())]
     dist.all_gather(sizes, size)
@@ -146,6 +157,47 @@ def batch_unshuffle(y: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Ten
         return y
     everything = gather_no_grad(y)
     return everything[unshuffle_index.view(world_size(), -1)[rank()]]
+
+
+class DelayedHostRead:
+    """Reads small device tensors on the host one call later, without a device synchronisation.
+
+    ``push(x, tag)`` queues a copy of ``x`` to host memory and returns ``(tag, values)`` of the push
+    ``delay`` calls earlier (None until there are that many). On CUDA the copy is non-blocking into pinned memory and
+    an event marks its end; by the time it is read the device has finished that work in the steady
+    state (a whole step was queued since), so the event wait is (nearly) free and the CPU keeps one
+    step queued ahead of the device. On the CPU the "copy" is the tensor itself. ``drain()`` returns
+    every pending value at once (at a checkpoint, at the end of a fit): then the host does wait.
+    """
+
+    def __init__(self, delay: int = 1):
+        self.delay = delay
+        self._pending: deque = deque()
+
+    def push(self, x: torch.Tensor, tag=None) -> tuple[object, list[float]] | None:
+        x = x.detach().reshape(-1)
+        if x.device.type == "cuda":
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            host.copy_(x, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = x.clone(), None
+        host._ssl_host_copy = True  # host memory: reading it never waits for the device (tests/sync_audit.py)
+        self._pending.append((tag, host, event))
+        return self._pop() if len(self._pending) > self.delay else None
+
+    def _pop(self) -> tuple[object, list[float]]:
+        tag, host, event = self._pending.popleft()
+        if event is not None:
+            event.synchronize()  # waits for the work queued a step ago, not for the step just queued
+        return tag, host.tolist()
+
+    def drain(self) -> list[tuple[object, list[float]]]:
+        return [self._pop() for _ in range(len(self._pending))]
+
+    def __len__(self) -> int:
+        return len(self._pending)
 
 
 # Lower-case pieces of the messages gloo and NCCL raise when a peer is gone or silent (gloo words a hang

@@ -10,7 +10,17 @@ import torch.nn.functional as F
 
 from ssl_lightning.spectral import eigenspectrum  # the covariance spectrum lives with the other linear algebra
 
-__all__ = ["eigenspectrum", "rankme", "effective_rank", "knn_predict", "knn_accuracy", "collapse_stats"]
+__all__ = ["eigenspectrum", "rankme", "effective_rank", "knn_predict", "knn_accuracy", "collapse_stats",
+           "topk_accuracy"]
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """0-dim float tensor: the fraction of the samples labelled >= 0 whose label is among their k highest
+    logits (b, K), 0 when none is labelled. Same ops for every batch (no boolean indexing, whose
+    data-dependent size would make the host wait for a GPU), so it stays on the device."""
+    labelled = labels >= 0
+    hit = (logits.topk(k, dim=1).indices == labels.clamp(min=0)[:, None]).any(dim=1) & labelled
+    return hit.sum() / labelled.sum().clamp(min=1)
 
 
 def _check_embeddings(z: torch.Tensor, name: str = "z") -> None:

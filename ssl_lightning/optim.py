@@ -5,6 +5,9 @@ Learning rates are BASE rates per 256 samples: the peak lr is ``lr * global_batc
 with ndim <= 1 (biases, norm weights) get no weight decay and, under LARS, no trust-ratio
 adaptation (timm's Lars adapts only groups with weight_decay != 0). The online probe has its own
 group: its own lr, no weight decay, no LARS adaptation.
+
+``FiniteStep`` applies an optimizer step only when its gradients are finite, decided on the device
+(no host-device synchronisation): the ``on_nonfinite`` guard of every method.
 """
 from __future__ import annotations
 
@@ -73,7 +76,84 @@ def build_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Opt
                     trust_clip=cfg.lars_trust_clip)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=cfg.betas)
+    # capturable on CUDA: AdamW's step counts live on the device, so FiniteStep can undo a skipped step's
+    # count there (otherwise they are host tensors that it could only fix after reading the flag)
+    on_cuda = groups[0]["params"][0].is_cuda
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=cfg.betas, capturable=on_cuda)
+
+
+def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view of t's elements in memory order (contiguous or channels-last), or None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)  # a view: permuted channels-last is contiguous
+    return None
+
+
+class FiniteStep:
+    """One optimizer step that takes effect only where ``finite`` (a 0-dim bool tensor on the device) is
+    True: the parameters with a gradient and their optimizer state are copied before the step and
+    selected back with ``torch.where`` after it, so no value of a skipped step (NaN included) reaches
+    them, and the host never waits for the flag. State the step creates (momentum buffers, AdamW's
+    moments and count at the first step) is zeroed where skipped: for SGD, LARS and AdamW that is the
+    same as never having been created. Tensors are flattened per dtype and device into one buffer, so
+    the copies cost a few kernels, not one per parameter.
+
+    Usage: ``guard = FiniteStep(optimizer, finite)`` after the backward pass, ``optimizer.step()``,
+    ``guard.apply()``."""
+
+    @torch.no_grad()
+    def __init__(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor):
+        self.optimizer, self.finite = optimizer, finite
+        self.entries = self._entries()  # [(param, state key or None, tensor)]
+        self.groups: dict[tuple, list[int]] = {}
+        self.loose: dict[int, torch.Tensor] = {}  # non-flattenable tensors: their own copy
+        for i, (_, _, t) in enumerate(self.entries):
+            if _flat_view(t) is None:
+                self.loose[i] = t.clone()
+            else:
+                self.groups.setdefault((t.device, t.dtype), []).append(i)
+        self.saved = {key: torch.cat([_flat_view(self.entries[i][2]) for i in idx])
+                      for key, idx in self.groups.items()}
+
+    def _entries(self) -> list[tuple[torch.Tensor, str | None, torch.Tensor]]:
+        out = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # the optimizer skips it: nothing to protect
+                out.append((p, None, p))
+                out += [(p, k, v) for k, v in self.optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)]
+        return out
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """After optimizer.step(): keep its result where finite, the copies elsewhere."""
+        finite = self.finite
+        for key, idx in self.groups.items():
+            tensors = [self.entries[i][2] for i in idx]
+            views = [_flat_view(t) for t in tensors]
+            chosen = torch.where(finite.to(key[0]), torch.cat(views), self.saved[key])
+            torch._foreach_copy_(views, list(chosen.split([v.numel() for v in views])))
+        for i, old in self.loose.items():
+            t = self.entries[i][2]
+            t.copy_(torch.where(finite.to(t.device), t, old))
+        known = {id(t) for _, _, t in self.entries}
+        for p, k, t in self._entries():  # state created (or replaced) by this step
+            if k is not None and id(t) not in known:
+                t.copy_(torch.where(finite.to(t.device), t, torch.zeros((), dtype=t.dtype, device=t.device)))
+
+
+@torch.no_grad()
+def gradients_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """0-dim bool tensor on the device: every gradient the optimizer is about to use is finite (None when
+    there is none). Under DDP the gradients are already averaged, so every rank gets the same answer."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads)  # NaN and inf propagate into the norms
+    return torch.stack([n.to(torch.float32) for n in norms]).sum().isfinite()
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

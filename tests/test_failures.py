@@ -370,3 +370,66 @@ def test_sigterm_saves_at_the_end_of_the_step_and_stops(tmp_path):
     assert trainer.global_step == 3
     assert [load_checkpoint(tmp_path / n)["global_step"] for n in ("last.ckpt", "last-1.ckpt")] == [3, 2]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the fit restores the default SIGTERM handler"
+
+
+@pytest.mark.slow
+def test_nonfinite_stop_undoes_the_step_and_stops_one_step_later(tmp_path):
+    """on_nonfinite stop (the default), NaN at step 2, no checkpoint due: the host reads step 2's flag at
+    the end of step 3 (no synchronisation in step 2), so step 3 runs; step 2 was undone on the device:
+    its weights and momentum buffers are exactly those before it. The error names step 2."""
+    pl.seed_everything(0)
+    data = tiny_data()
+    model = tiny_vicreg(data)
+    nan_loss_at(model, {2})
+    snapshots = Snapshots()
+    trainer = tiny_trainer(tmp_path, callbacks=[LastCheckpoint(str(tmp_path), every_n_epochs=0), snapshots])
+    with pytest.raises(FloatingPointError, match=r"VICReg loss is nan at step 2; .*\(on_nonfinite stop, 0 step\(s\)"):
+        trainer.fit(model, data)
+    params = {k for k, _ in model.named_parameters()}
+    before, after = snapshots.before[2], snapshots.after[2]
+    assert all(torch.equal(before[0][k], after[0][k]) for k in params) and equal_states(
+        ({}, before[1]), ({}, after[1])), "the non-finite step changed weights or momentum"
+    assert 3 in snapshots.before and 3 not in snapshots.after, "stopped during step 3, after its optimizer step"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _nan_on_rank_1(rank: int, world: int) -> dict:
+    """One DDP step of a tiny VICReg whose loss is NaN on rank 1 only, through the training step's
+    poisoning, gradients_finite and FiniteStep; returns the flag and whether any weight changed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from equivalence import StepWrapper
+    from ssl_lightning.methods import VICReg
+    from ssl_lightning.optim import FiniteStep, gradients_finite
+
+    torch.manual_seed(0)
+    method = VICReg(backbone="convnet", backbone_kwargs={"width": 4}, projector="16-16", image_size=8, num_classes=0)
+    method.configure_model()
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
+    model = DistributedDataParallel(StepWrapper(method))
+    views = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(rank)) for _ in range(2)]
+    results = []
+    for step in range(2):
+        before = [p.detach().clone() for p in method.parameters()]
+        loss = model(*views) * (float("nan") if rank == 1 and step == 1 else 1.0)
+        (loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))).backward()
+        finite = gradients_finite(optimizer)
+        guard = FiniteStep(optimizer, finite)
+        optimizer.step()
+        guard.apply()
+        optimizer.zero_grad()
+        changed = any(not torch.equal(a, p) for a, p in zip(before, method.parameters()))
+        results.append((bool(finite), changed, all(torch.isfinite(p).all() for p in method.parameters())))
+    return {"steps": results}
+
+
+@pytest.mark.distributed
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Rank 1's loss is NaN at the second step: its NaN gradients reach every rank through DDP's gradient
+    average, so both ranks flag the step, undo it (weights unchanged and finite) and decide alike; the
+    first step trains on both. No extra collective decides it."""
+    from ddp import run_distributed
+
+    ranks = run_distributed(_nan_on_rank_1, out_dir=tmp_path)
+    for r in ranks:
+        assert r["steps"] == [(True, True, True), (False, False, True)], ranks

@@ -54,3 +54,42 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
 def test_unknown_signal_name_is_rejected():
     with pytest.raises(ValueError, match="SIGFOO"):
         PreemptionHandler("SIGFOO")
+
+
+def _signalled_ddp_fit(rank: int, world: int, signum: int, root: str) -> dict:
+    """A 2-rank fit (gloo) of the tiny VICReg in which only rank 1 gets ``signum`` during step 3."""
+    import os
+    import signal
+
+    from sync_audit import tiny_cli
+
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world), RANK=str(rank))
+    pl.seed_everything(0)
+    cli = tiny_cli("vicreg", root, devices=world, max_steps=8, steps_per_epoch=8, batch=16 * world)
+    cli.trainer.callbacks.append(SignalAtStep(3, signum, rank=1))
+    stopped_by = None
+    try:
+        cli.trainer.fit(cli.model, cli.datamodule)
+    except SystemExit as err:
+        stopped_by = type(err).__name__
+    saved = torch.load(os.path.join(root, "checkpoints", "last.ckpt"), weights_only=False)["global_step"]
+    return {"step": cli.trainer.global_step, "saved": saved, "stopped_by": stopped_by,
+            "sigterm_handler_restored": signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("signum", ["SIGUSR1", "SIGTERM"])
+def test_a_signal_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path, signum):
+    """Rank 1 alone gets the signal during step 3 (global_step 2 -> 3). The flags are all-reduced on the
+    device and read a step later: both ranks save last.ckpt at step 4 and stop there; SIGTERM ends the fit
+    with Lightning's SIGTERMException on both ranks, and the default SIGTERM handler is back afterwards."""
+    import signal
+
+    from ddp import run_distributed
+
+    ranks = run_distributed(_signalled_ddp_fit, int(getattr(signal, signum)), str(tmp_path / "run"),
+                            out_dir=tmp_path)
+    expected_exit = "SIGTERMException" if signum == "SIGTERM" else None
+    for r in ranks:
+        assert (r["step"], r["saved"], r["stopped_by"]) == (4, 4, expected_exit), ranks
+        assert r["sigterm_handler_restored"], ranks

@@ -22,10 +22,10 @@ def wmse_loss(zs: Sequence[torch.Tensor], *, w_size: int, w_iter: int = 1, eps: 
     """W-MSE loss of V >= 2 views of LOCAL embeddings zs[i] (b, D).
 
     Each view is gathered with gradient into the GLOBAL batch (B, D). w_iter times, the B sample
-    indices are split at random into B / w_size sub-batches, the same split for every view (drawn
-    from a generator seeded with ``seed``, so every rank draws the same one); every sub-batch of
-    every view is whitened by ``spectral.cholesky_whiten(eps)`` (fp64). Loss = mean over the w_iter
-    splits and the V (V - 1) / 2 view pairs of ``norm_mse`` over the B samples.
+    indices are split at random into B / w_size sub-batches, the same split for every view (drawn on the
+    embeddings' device from a generator seeded with ``seed``, so every rank draws the same one); every
+    sub-batch of every view is whitened by ``spectral.cholesky_whiten(eps)`` (fp64). Loss = mean over
+    the w_iter splits and the V (V - 1) / 2 view pairs of ``norm_mse`` over the B samples.
     The official code whitens the batch of its single process; here the split runs over the global
     batch, so the loss does not depend on the number of GPUs.
     """
@@ -37,11 +37,12 @@ def wmse_loss(zs: Sequence[torch.Tensor], *, w_size: int, w_iter: int = 1, eps: 
         if w_size < 2 or batch % w_size:
             raise ValueError(f"W-MSE: the global batch {batch} is not divisible into sub-batches of w_size={w_size}; "
                              "choose a w_size >= 2 that divides data.batch_size")
-        generator = torch.Generator().manual_seed(seed)
+        device = zs[0].device  # the split is drawn there: no host-to-device copy per step
+        generator = torch.Generator(device=device).manual_seed(seed)
         context = f"W-MSE (w_size {w_size}, D {zs[0].shape[1]})"
         losses = []
         for _ in range(w_iter):
-            split = torch.randperm(batch, generator=generator).to(zs[0].device).view(-1, w_size)
+            split = torch.randperm(batch, generator=generator, device=device).view(-1, w_size)
             # every view's rows in the same (permuted) order: the loss is a mean over samples
             white = [torch.cat([spectral.cholesky_whiten(z[idx], eps=eps, context=context) for idx in split])
                      for z in zs]

@@ -94,4 +94,4 @@ class DINO(MomentumMethod):
                          student_temp=hp.student_temp)
         self.center.copy_(dino_center_update(self.center, teacher_out, momentum=hp.center_momentum))
         features = teacher_features[0] if hp.evaluate_teacher else student_features[0]
-        return SSLOutput(loss=loss, features=features, logs={"teacher_temp": loss.new_tensor(temp)})
+        return SSLOutput(loss=loss, features=features, logs={"teacher_temp": loss.new_full((), temp)})

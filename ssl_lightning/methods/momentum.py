@@ -47,7 +47,7 @@ class MomentumMethod(SSLMethod):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
-        self.log("train/ema_momentum", self.momentum_at(self.global_step))
+        self.log("train/ema_momentum", self.device_scalar("ema_momentum", self.momentum_at(self.global_step)))
         return loss
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:

@@ -63,7 +63,7 @@ class SwAV(SSLMethod):
         queue_used = self.queue_active() and self.queues[0].full
         codes = [self.assign(scores[i], z[i], i) for i in range(self.hparams.num_global)]
         loss = swav_loss(scores, codes, temperature=self.hparams.temperature)
-        return SSLOutput(loss=loss, features=features[0], logs={"queue_used": loss.new_tensor(float(queue_used))})
+        return SSLOutput(loss=loss, features=features[0], logs={"queue_used": loss.new_full((), float(queue_used))})
 
     def queue_active(self) -> bool:
         return bool(self.queues) and self.current_epoch >= self.hparams.queue_start_epoch

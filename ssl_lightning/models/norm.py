@@ -1,8 +1,10 @@
 """BatchNorm whose training statistics are those of the GLOBAL batch, on any backend.
 
 torch.nn.SyncBatchNorm refuses CPU tensors, so gloo runs (and our CPU tests) could not verify
-global-BN methods. GlobalBatchNorm reduces per-channel moments across ranks with gradient
-(two passes: mean, then centred second moment, in fp32) and is plain BatchNorm outside DDP.
+global-BN methods. GlobalBatchNorm gathers each rank's per-channel (count, mean, centred sum of
+squares) with gradient in ONE collective (SyncBatchNorm's pattern: one all_gather forward, one
+all_reduce backward) and combines them exactly (Chan et al.'s parallel variance: no cancellation,
+in fp32). Outside DDP it is plain BatchNorm.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ssl_lightning.distributed import all_reduce_sum_with_grad, is_distributed
+from ssl_lightning.distributed import gather_with_grad, is_distributed
 
 
 class GlobalBatchNorm(_BatchNorm):
@@ -29,13 +31,16 @@ class GlobalBatchNorm(_BatchNorm):
         shape = [1, -1] + [1] * (x.dim() - 2)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.float()
-            count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device)
-            total = all_reduce_sum_with_grad(torch.cat([xf.sum(dims), count.to(xf.dtype)]))
-            n = total[-1].detach()
-            mean = total[:-1] / n
-            centred = xf - mean.view(shape)
-            var = all_reduce_sum_with_grad(centred.pow(2).sum(dims)) / n
-            y = centred * torch.rsqrt(var + self.eps).view(shape)
+            channels = xf.shape[1]
+            local_mean = xf.mean(dims)
+            local_m2 = (xf - local_mean.view(shape)).pow(2).sum(dims)
+            count = xf.new_full((1,), xf.numel() / channels)  # a fill, not a host-to-device copy
+            stats = gather_with_grad(torch.cat([count, local_mean, local_m2])[None])  # (W, 1 + 2C)
+            counts, means, m2s = stats[:, :1].detach(), stats[:, 1:1 + channels], stats[:, 1 + channels:]
+            n = counts.sum()
+            mean = (counts * means).sum(0) / n
+            var = (m2s + counts * (means - mean).pow(2)).sum(0) / n  # biased, over the global batch
+            y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
             if self.affine:
                 y = y * self.weight.view(shape) + self.bias.view(shape)
         self._update_running_stats(mean.detach(), var.detach(), n)

@@ -12,6 +12,10 @@ class FeatureQueue(nn.Module):
     random_init fills it with l2-normalised Gaussian rows that count as valid (MoCo's initial queue);
     otherwise it starts empty and ``full`` says when every row holds a real embedding (SwAV).
     Under DDP the initial values come from rank 0 (DDP broadcasts buffers when it wraps the model).
+
+    The write position and fill count are buffers (so checkpoints hold them) mirrored as host integers,
+    which are what ``push`` and ``full`` read: reading the buffers would make the host wait for the
+    device every step. The mirrors are refreshed from the buffers when a state dict is loaded.
     """
 
     def __init__(self, size: int, dim: int, *, random_init: bool = False):
@@ -22,6 +26,12 @@ class FeatureQueue(nn.Module):
         self.register_buffer("features", init)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.tensor(size if random_init else 0, dtype=torch.long))
+        self._ptr, self._filled = 0, size if random_init else 0
+        self.register_load_state_dict_post_hook(FeatureQueue._read_counters)
+
+    @staticmethod
+    def _read_counters(module: FeatureQueue, incompatible_keys) -> None:
+        module._ptr, module._filled = int(module.ptr), int(module.filled)
 
     @property
     def size(self) -> int:
@@ -29,7 +39,7 @@ class FeatureQueue(nn.Module):
 
     @property
     def full(self) -> bool:
-        return int(self.filled) == self.size
+        return self._filled == self.size
 
     @torch.no_grad()
     def push(self, x: torch.Tensor) -> None:
@@ -39,7 +49,8 @@ class FeatureQueue(nn.Module):
         if self.size % n:
             raise ValueError(f"queue size {self.size} is not divisible by the {n} rows pushed per step; "
                              f"choose a queue size that is a multiple of {n}")
-        start = int(self.ptr)
+        start = self._ptr
         self.features[start:start + n] = x.detach().to(self.features.dtype)
-        self.ptr.fill_((start + n) % self.size)
-        self.filled.fill_(min(int(self.filled) + n, self.size))
+        self._ptr, self._filled = (start + n) % self.size, min(self._filled + n, self.size)
+        self.ptr.fill_(self._ptr)
+        self.filled.fill_(self._filled)
