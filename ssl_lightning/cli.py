@@ -24,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ssl_lightning.allocator import keep_freed_memory
 from ssl_lightning.callbacks import FitSummary, KNNMonitor, PreemptionHandler, SpectrumMonitor
+from ssl_lightning.callbacks.time_budget import TimeBudget
 from ssl_lightning.checkpointing import CHECKPOINT_DIR, CheckpointError, LastCheckpoint
 from ssl_lightning.console import first_line, hide_unactionable_messages
 from ssl_lightning.data.datamodule import SSLDataModule
@@ -161,6 +162,7 @@ class SSLCLI(LightningCLI):
         parser.add_lightning_class_args(SpectrumMonitor, "spectrum")
         parser.add_lightning_class_args(KNNMonitor, "knn")
         parser.add_lightning_class_args(PreemptionHandler, "preemption")
+        parser.add_lightning_class_args(TimeBudget, "budget")
         parser.add_argument("--collective_timeout_s", type=int, default=COLLECTIVE_TIMEOUT_S,
                             help="with strategy ddp: once training runs, a collective that waits longer for "
                                  "another process (dead or hung) ends the run with an error instead of hanging")

@@ -165,9 +165,24 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class WarmupCosine:
+    """The lr multiplier of one run as an object: LambdaLR checkpoints its fields, and a time budget
+    (callbacks/time_budget.py) can end the schedule earlier with ``shorten_to``."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float):
+        self.total_steps, self.min_ratio = total_steps, min_ratio
+        self.warmup_steps = min(warmup_steps, total_steps)
+
+    def shorten_to(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.warmup_steps = min(self.warmup_steps, total_steps)
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, self.total_steps, self.warmup_steps, self.min_ratio)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, *, total_steps: int,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration LambdaLR (state = step count, so it resumes exactly from a checkpoint)."""
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup, cfg.min_lr_ratio))
+    """Per-iteration LambdaLR (state = step count and the schedule's length, so it resumes exactly)."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup, cfg.min_lr_ratio))
