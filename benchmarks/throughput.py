@@ -165,11 +165,17 @@ def main() -> None:
 
 
 def report_training(args) -> None:
-    rates = {mode: images_per_second(args, mode) for mode in ("model", "batched", "per_sample")}
-    print(f"(a) model only, views on the device      {rates['model']:10,.0f} images/s")
-    print(f"(b) end to end, batched views on device  {rates['batched']:10,.0f} images/s")
-    print(f"(c) end to end, per-sample, {args.workers} workers    {rates['per_sample']:10,.0f} images/s")
-    print(f"b/a = {rates['batched'] / rates['model']:.2f}   b/c = {rates['batched'] / rates['per_sample']:.2f}")
+    """Prints each rate as soon as it is measured (a run cut short by a time limit keeps what it had)."""
+    labels = {"model": "(a) model only, views on the device     ",
+              "batched": "(b) end to end, batched views on device ",
+              "per_sample": f"(c) end to end, per-sample, {args.workers} workers   "}
+    rates = {}
+    for mode, label in labels.items():
+        rates[mode] = images_per_second(args, mode)
+        print(f"{label} {rates[mode]:10,.0f} images/s", flush=True)
+        if mode == "batched":
+            print(f"b/a = {rates['batched'] / rates['model']:.2f}", flush=True)
+    print(f"b/c = {rates['batched'] / rates['per_sample']:.2f}")
 
 
 if __name__ == "__main__":

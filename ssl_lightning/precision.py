@@ -40,11 +40,10 @@ def cpu_bf16_support() -> tuple[bool, str]:
 
 
 def uses_cuda(accelerator: object) -> bool:
-    """Lightning's accelerator setting names CUDA ("gpu", "cuda", or "auto" with a GPU present)."""
+    """Lightning's accelerator setting names CUDA ("gpu", "cuda" or "auto") and a GPU is there (without
+    one, Lightning itself says that the GPU is missing)."""
     name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
-    if name in ("gpu", "cuda", "cudaaccelerator"):
-        return True
-    return name == "auto" and torch.cuda.is_available()
+    return name in ("gpu", "cuda", "cudaaccelerator", "auto") and torch.cuda.is_available()
 
 
 def uses_cpu(accelerator: object) -> bool:

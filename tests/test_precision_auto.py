@@ -50,6 +50,7 @@ def test_auto_accelerator_without_a_gpu_follows_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     cpu_with(monkeypatch, False, False)
     assert resolve_precision("auto", "auto")[0] == "32-true"
+    assert resolve_precision("auto", "gpu")[0] == "32-true", "no GPU: Lightning, not us, says it is missing"
 
 
 def test_an_explicit_precision_wins_and_emulated_bf16_is_warned_about(monkeypatch):
