@@ -14,6 +14,14 @@ run in fp64. The eigendecomposition backward uses divided differences of g inste
 1 / (lambda_i - lambda_j), so it is exact and finite for repeated eigenvalues. A non-finite
 output (forward) or input gradient (backward) raises FloatingPointError naming the step and
 what to try; ``context`` (e.g. "W-MSE") is prepended to that message.
+
+When the checks raise (``CHECKS``): reading a device value makes the host wait for the device, a
+synchronisation per check on a GPU (3-6 per training step of W-MSE, INTL and ST). So on a CPU, where
+nothing is waited for, a check raises at once ("eager"); on an accelerator ("deferred") its flag is
+copied to the host without waiting and read at the same check one call (one step) later, which then
+raises with the same message, "(found one step later)". Meanwhile the failed output is made NaN, so
+the step's loss is non-finite and the method's ``on_nonfinite`` guard undoes that step's update on
+the device (methods/base.py): no value of it reaches the weights.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 
+from ssl_lightning.distributed import DelayedHostRead
 from ssl_lightning.losses.common import fp32
 
 __all__ = ["covariance", "eigenspectrum", "cholesky_whiten", "spectral_transform", "iternorm", "trace_loss",
@@ -50,6 +59,30 @@ def eigenspectrum(z: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- safety
+CHECKS = "auto"  # "eager" | "deferred" | "auto" (eager on a CPU, deferred on an accelerator): module doc
+_pending: dict[str, DelayedHostRead] = {}  # per check site: the flags of the previous call
+
+
+def _raise_if(bad: torch.Tensor, value: torch.Tensor, site: str, message: Callable[[float], str]) -> None:
+    """Raises FloatingPointError(message(value)) where ``bad`` (0-dim bool, on the device) is True: at once
+    ("eager"), or at this site's next call ("deferred", no host-device synchronisation)."""
+    mode = CHECKS if CHECKS != "auto" else ("eager" if bad.device.type == "cpu" else "deferred")
+    if mode == "eager":
+        if bad.item():
+            raise FloatingPointError(message(value.item()))
+        return
+    flags = torch.stack([bad.double(), value.double()])
+    read = _pending.setdefault(site, DelayedHostRead(delay=1)).push(flags, tag=message)
+    if read is not None and read[1][0]:
+        _pending.clear()  # the other sites' flags of that call describe the same failure
+        raise FloatingPointError(f"{read[0](read[1][1])} (found one step later)")
+
+
+def _poisoned(out: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """out, or NaN everywhere where bad: a failure the host reads later must not leave finite garbage."""
+    return out * torch.where(bad, float("nan"), 1.0).to(out.dtype)
+
+
 def _guard(x: torch.Tensor, step: str, hint: str, context: str) -> torch.Tensor:
     """An alias of x whose gradient is checked: a non-finite gradient raises, naming the step."""
     if not x.requires_grad:
@@ -57,16 +90,17 @@ def _guard(x: torch.Tensor, step: str, hint: str, context: str) -> torch.Tensor:
     alias = x.view_as(x)
 
     def check(grad: torch.Tensor) -> None:
-        if grad is not None and not torch.isfinite(grad).all():
-            raise FloatingPointError(_message(context, f"{step} backward produced a non-finite gradient", hint))
+        if grad is not None:
+            _raise_if(~torch.isfinite(grad).all(), grad.new_zeros(()), f"{context}/{step}/backward",
+                      lambda _: _message(context, f"{step} backward produced a non-finite gradient", hint))
 
     alias.register_hook(check)
     return alias
 
 
 def _check_output(out: torch.Tensor, step: str, hint: str, context: str) -> torch.Tensor:
-    if not torch.isfinite(out).all():
-        raise FloatingPointError(_message(context, f"{step} produced non-finite values", hint))
+    _raise_if(~torch.isfinite(out).all(), out.new_zeros(()), f"{context}/{step}/forward",
+              lambda _: _message(context, f"{step} produced non-finite values", hint))
     return out
 
 
@@ -105,10 +139,10 @@ def cholesky_whiten(x: torch.Tensor, *, eps: float = 0.0, context: str = "") -> 
         if eps:
             cov = (1 - eps) * cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
         chol, info = torch.linalg.cholesky_ex(cov)
-        if info.item() != 0:
-            raise FloatingPointError(_message(context, "cholesky_whiten: Cholesky factorisation failed "
-                                              f"(leading minor {info.item()} not positive)", hint))
-        out = torch.linalg.solve_triangular(chol, xc.T, upper=False).T
+        failed = info != 0
+        _raise_if(failed, info, f"{context}/cholesky_whiten/factor", lambda minor: _message(
+            context, f"cholesky_whiten: Cholesky factorisation failed (leading minor {minor:.0f} not positive)", hint))
+        out = _poisoned(torch.linalg.solve_triangular(chol, xc.T, upper=False).T, failed)
         return _check_output(out.to(dtype), "cholesky_whiten", hint, context)
 
 
@@ -122,14 +156,15 @@ class _SymmetricPower(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor, exponent: float, on_singular: Callable[[float], str]) -> torch.Tensor:
+    def forward(ctx, s: torch.Tensor, exponent: float, on_singular: Callable[[float], str],
+                site: str) -> torch.Tensor:
         lam, u = torch.linalg.eigh(s)
-        if not lam[0] > 0:
-            raise FloatingPointError(on_singular(lam[0].item()))
+        singular = ~(lam[0] > 0)
+        _raise_if(singular, lam[0], site, on_singular)
         g = lam.pow(exponent)
         ctx.save_for_backward(lam, u, g)
         ctx.exponent = exponent
-        return (u * g) @ u.T
+        return _poisoned((u * g) @ u.T, singular)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -140,7 +175,7 @@ class _SymmetricPower(torch.autograd.Function):
         derivative = ctx.exponent * ((li + lj) / 2).pow(ctx.exponent - 1)
         k = torch.where(near, derivative, (g[:, None] - g[None, :]) / torch.where(near, 1.0, gap))
         inner = u.T @ ((grad + grad.T) / 2) @ u
-        return u @ (k * inner) @ u.T, None, None
+        return u @ (k * inner) @ u.T, None, None, None
 
 
 def spectral_transform(x: torch.Tensor, *, power: float = 0.5, eps: float = 1e-4, axis: int = 0,
@@ -172,7 +207,7 @@ def spectral_transform(x: torch.Tensor, *, power: float = 0.5, eps: float = 1e-4
             return _message(context, f"spectral_transform: the {k}x{k} covariance is not positive definite "
                             f"(smallest eigenvalue {smallest:.3g})", hint)
 
-        out = _restore(xc @ _SymmetricPower.apply(s, -power, on_singular), axis)
+        out = _restore(xc @ _SymmetricPower.apply(s, -power, on_singular, f"{context}/spectral_transform/eigh"), axis)
         return _check_output(out.to(dtype), "spectral_transform", hint, context)
 
 

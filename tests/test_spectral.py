@@ -196,3 +196,22 @@ def test_failures_name_the_step_and_the_fix():
         spectral.iternorm(torch.full((4, 4), float("nan")))
     with pytest.raises(ValueError, match=r"\(5,\)"):
         spectral.covariance(torch.zeros(5))
+
+
+def test_deferred_checks_raise_one_call_later_and_poison_the_failed_output(monkeypatch):
+    """On an accelerator ("deferred") a check does not read its flag at once (that would make the host wait
+    for the device): the failed Cholesky's output is NaN (so the step's loss is non-finite and on_nonfinite
+    undoes the update), and the same check raises one call later with its message."""
+    from ssl_lightning import spectral
+
+    monkeypatch.setattr(spectral, "CHECKS", "deferred")
+    monkeypatch.setattr(spectral, "_pending", {})
+    singular = torch.zeros(4, 8)  # a collapsed batch: covariance 0, the factorisation fails at minor 1
+    out = spectral.cholesky_whiten(singular, context="W-MSE")
+    assert torch.isnan(out).all()
+    healthy = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(FloatingPointError, match=r"W-MSE: cholesky_whiten: Cholesky factorisation failed "
+                                                 r"\(leading minor 1 not positive\).*\(found one step later\)"):
+        spectral.cholesky_whiten(healthy, context="W-MSE")
+    assert torch.isfinite(spectral.cholesky_whiten(healthy, context="W-MSE")).all(), "after raising, a clean slate"
+    assert torch.isfinite(spectral.cholesky_whiten(healthy, context="W-MSE")).all()

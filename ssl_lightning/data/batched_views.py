@@ -220,8 +220,9 @@ def jitter_params(n: int, brightness: float, contrast: float, saturation: float,
     Factors are per sample, uniform in [max(0, 1 - b), 1 + b] (same for c, s) and hue shifts in [-h, h];
     every factor is drawn even when its op is off, so the random stream does not depend on which ops are
     on. The order lists the ops that run (magnitude > 0; saturation and hue not on 1-channel images) in
-    ONE random order for the whole batch (torchvision draws an order per image), read on the host: one
-    sync per call on CUDA.
+    ONE random order for the whole batch (torchvision draws an order per image). The order decides which
+    kernels run, so the host must know it: it is drawn from the host's RNG (checkpointed with the others)
+    unless an accelerator ``generator`` is given, whose draw the host then waits for (one sync per call).
     """
     if hue > 0.5:
         raise ValueError(f"hue jitter {hue} must be at most 0.5, as in ColorJitter")
@@ -229,7 +230,11 @@ def jitter_params(n: int, brightness: float, contrast: float, saturation: float,
     magnitudes = (brightness, contrast, saturation if rgb else 0.0, hue if rgb else 0.0)
     bounds = [(max(0.0, 1 - m), 1 + m) for m in (brightness, contrast, saturation)] + [(-hue, hue)]
     factors = torch.stack([_uniform((n,), *b, generator, device) for b in bounds], dim=1)
-    order = [k for k in torch.randperm(4, generator=generator, device=device).tolist() if magnitudes[k] > 0]
+    if generator is None or generator.device.type == "cpu":  # the host's RNG: reading it waits for no device
+        order = torch.randperm(4, generator=generator)
+    else:  # an explicit accelerator generator (reproducible views outside a fit): one sync per call
+        order = torch.randperm(4, generator=generator, device=device)
+    order = [k for k in order.tolist() if magnitudes[k] > 0]
     return factors, order
 
 
