@@ -28,8 +28,9 @@ import yaml
 from PIL import Image
 
 from ssl_lightning.allocator import keep_freed_memory
-from ssl_lightning.data import batched_views
-from ssl_lightning.data.batched_views import CPU_CHUNK_BYTES, banded_blur, blur_kernel_for, conv_blur
+from ssl_lightning.data import blur
+from ssl_lightning.data.batched_views import CPU_CHUNK_BYTES
+from ssl_lightning.data.blur import banded_blur, blur_kernel_for, conv_blur
 from ssl_lightning.data.crops import crop_boxes, crops_on_device, cut_crops, min_side_ratio, sample_generator
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.data.decode import decode as decode_image, decode_jpegs, open_image
@@ -179,13 +180,13 @@ def decoder_costs(files: list[Path]) -> None:
         # one chunk of views, what BatchedViews blurs at once on a CPU (CPU_CHUNK_BYTES)
         count = max(1, CPU_CHUNK_BYTES // (3 * size * size * 4))
         views, kernel, sigma = torch.rand(count, 3, size, size), blur_kernel_size(size), torch.rand(count) * 1.9 + 0.1
-        for name, blur in (("banded matmuls", banded_blur), ("depthwise conv2d", conv_blur)):
+        for name, kernel_fn in (("banded matmuls", banded_blur), ("depthwise conv2d", conv_blur)):
             costs[f"{size} px view blur (kernel {kernel}), {name}"] = _ms_per_call(
-                lambda x: blur(x, sigma, kernel), [views] * max(3, 96 // count)) / count
+                lambda x: kernel_fn(x, sigma, kernel), [views] * max(3, 96 // count)) / count
         choices.append(f"{size} px {blur_kernel_for(views, sigma, kernel)}")
     torch.set_num_threads(threads)
     print("one thread, ms per image: " + ", ".join(f"{name} {ms:.2f}" for name, ms in costs.items()))
-    setting = batched_views.BLUR_KERNEL or os.environ.get("SSL_LIGHTNING_BLUR", "auto")
+    setting = blur.BLUR_KERNEL or os.environ.get("SSL_LIGHTNING_BLUR", "auto")
     print(f"blur kernel ({setting}): {', '.join(choices)}")
 
 

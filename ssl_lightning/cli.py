@@ -32,7 +32,7 @@ from ssl_lightning.distributed import peer_failure
 from ssl_lightning.failure_requeue import record_fit_error
 from ssl_lightning.methods import METHODS, SSLMethod
 from ssl_lightning.precision import accept_auto, resolve_precision
-from ssl_lightning.strategy import RENDEZVOUS_TIMEOUT_S
+from ssl_lightning.strategy import COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S
 from ssl_lightning.wandb_run import (
     WANDB_LOGGER_CLASSES,
     default_logger_config,
@@ -43,7 +43,6 @@ from ssl_lightning.wandb_run import (
 )
 
 SUBCOMMANDS = ("fit", "validate")
-COLLECTIVE_TIMEOUT_S = 600  # NCCL's default; torch's gloo default (30 min) is long for a dead peer
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -193,7 +192,8 @@ class SSLCLI(LightningCLI):
         trainer.precision, line = resolve_precision(trainer.precision, trainer.accelerator)
         if line and rank_zero_only.rank == 0:
             print(line, file=sys.stderr, flush=True)
-        for key, example in (("collective_timeout_s", 600), ("rendezvous_timeout_s", RENDEZVOUS_TIMEOUT_S)):
+        for key, example in (("collective_timeout_s", COLLECTIVE_TIMEOUT_S),
+                             ("rendezvous_timeout_s", RENDEZVOUS_TIMEOUT_S)):
             if config[key] <= 0:
                 raise ConfigError(f"{key} {config[key]} must be > 0 (seconds), e.g. {example}")
         if trainer.strategy == "ddp":  # DDP with our two timeouts instead of torch's one of 30 minutes
@@ -254,8 +254,9 @@ def main(args: list[str] | None = None) -> None:
         sys.stderr.flush()
         print(f"error: rank {rank_zero_only.rank} lost another process of "
               f"this distributed run in a collective ({lost}); that process died or did not answer within "
-              "collective_timeout_s (rendezvous_timeout_s until the first step is done). The newest valid checkpoint is kept: resume with --ckpt_path last "
-              "(a job of ssl-lightning submit requeues itself: --max-failure-requeues)", file=sys.stderr, flush=True)
+              "collective_timeout_s (rendezvous_timeout_s until the first step is done). The newest valid "
+              "checkpoint is kept: resume with --ckpt_path last (a job of ssl-lightning submit requeues itself: "
+              "--max-failure-requeues)", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
 
 

@@ -39,15 +39,19 @@ def cpu_bf16_support() -> tuple[bool, str]:
     return True, " and ".join(found)
 
 
+def _name(accelerator: object) -> str:
+    """Lightning's accelerator setting as a name: "cpu", "gpu", "auto", ... or the class name, lower case."""
+    return accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+
+
 def uses_cuda(accelerator: object) -> bool:
     """Lightning's accelerator setting names CUDA ("gpu", "cuda" or "auto") and a GPU is there (without
     one, Lightning itself says that the GPU is missing)."""
-    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
-    return name in ("gpu", "cuda", "cudaaccelerator", "auto") and torch.cuda.is_available()
+    return _name(accelerator) in ("gpu", "cuda", "cudaaccelerator", "auto") and torch.cuda.is_available()
 
 
 def uses_cpu(accelerator: object) -> bool:
-    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    name = _name(accelerator)
     return name in ("cpu", "cpuaccelerator") or (name == "auto" and not torch.cuda.is_available()
                                                    and not torch.backends.mps.is_available())
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy
 
 RENDEZVOUS_TIMEOUT_S = 1800  # torch's default for gloo; ranks of a multi-node job may start minutes apart
+COLLECTIVE_TIMEOUT_S = 600  # NCCL's default; torch's gloo default (30 min) is long for a dead peer
 
 
 def set_group_timeout(timeout: timedelta) -> None:
@@ -32,7 +33,7 @@ def set_group_timeout(timeout: timedelta) -> None:
 
 class TwoTimeoutDDPStrategy(DDPStrategy):
     def __init__(self, rendezvous_timeout: timedelta = timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
-                 collective_timeout: timedelta = timedelta(seconds=600), **kwargs: Any):
+                 collective_timeout: timedelta = timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs: Any):
         super().__init__(timeout=rendezvous_timeout, **kwargs)
         self.collective_timeout = collective_timeout
         self.batches_started = 0  # this process's training batches since the fit (or resume) began

@@ -9,8 +9,9 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ssl_lightning.data.blur import banded_blur, conv_blur
 from ssl_lightning.data.batched_views import (BatchedViews, adjust_contrast, adjust_hue, adjust_saturation,
-                                              banded_blur, color_jitter_, conv_blur, crop_resize_flip,
+                                              color_jitter_, crop_resize_flip,
                                               gaussian_blur_, random_resized_crop_params)
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, blur_kernel_size
 
@@ -180,9 +181,9 @@ def test_contrast_and_saturation_match_torchvision(channels):
 @pytest.mark.parametrize("kernel_size, height, width", [(3, 12, 9), (5, 12, 9), (13, 12, 9), (23, 24, 20)])
 def test_gaussian_blur_matches_torchvision(kernel, kernel_size, height, width, monkeypatch):
     """Both blur kernels, forced: equal to torchvision's per-image blur (reflect padding) to 1e-5."""
-    from ssl_lightning.data import batched_views
+    from ssl_lightning.data import blur
 
-    monkeypatch.setattr(batched_views, "BLUR_KERNEL", kernel)
+    monkeypatch.setattr(blur, "BLUR_KERNEL", kernel)
     x, sigma = torch.rand(20, 3, height, width, generator=gen(1)), torch.rand(20, generator=gen(2)) * 1.9 + 0.1
     out = gaussian_blur_(x.clone(), sigma, kernel_size)
     for i in range(20):
@@ -202,12 +203,12 @@ def test_blur_kernels_agree_on_full_size_views():
 @pytest.fixture
 def fresh_blur_choices(monkeypatch):
     """An empty choice cache and no forced kernel, restored after the test."""
-    from ssl_lightning.data import batched_views
+    from ssl_lightning.data import blur
 
-    monkeypatch.setattr(batched_views, "_blur_choices", {})
-    monkeypatch.setattr(batched_views, "BLUR_KERNEL", None)
+    monkeypatch.setattr(blur, "_blur_choices", {})
+    monkeypatch.setattr(blur, "BLUR_KERNEL", None)
     monkeypatch.delenv("SSL_LIGHTNING_BLUR", raising=False)
-    return batched_views
+    return blur
 
 
 @pytest.mark.parametrize("slow", ["banded", "conv"])
@@ -300,9 +301,9 @@ def test_views_do_not_depend_on_the_cpu_chunk_size(whole_images, monkeypatch):
     """On a CPU the ops after the crop run a chunk of samples at a time (CPU_CHUNK_BYTES); every random
     draw is made for the whole batch first, so one sample per chunk and the whole batch in one chunk
     give the same views (1e-6 in normalised units: the matmuls of the crop may round differently)."""
-    from ssl_lightning.data import batched_views
+    from ssl_lightning.data import batched_views, blur
 
-    monkeypatch.setattr(batched_views, "BLUR_KERNEL", "banded")  # the same kernel for both
+    monkeypatch.setattr(blur, "BLUR_KERNEL", "banded")  # the same kernel for both
     configs = [ViewConfig(size=16, jitter_p=0.8, grayscale_p=0.3, blur_p=0.5, solarize_p=0.4),
                ViewConfig(size=12, count=2, scale=(0.05, 0.4), blur_p=1.0)]
     views = BatchedViews(configs, MEAN3, STD3)

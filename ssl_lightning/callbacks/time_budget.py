@@ -29,7 +29,8 @@ class TimeBudget(pl.Callback):
         if seconds < 0 or skip_steps < 0 or calibration_steps < 1 or not 0 < margin <= 1:
             raise ValueError(f"budget.seconds {seconds} must be >= 0 (0: off), skip_steps {skip_steps} >= 0, "
                              f"calibration_steps {calibration_steps} >= 1 and margin {margin} in (0, 1]")
-        self.seconds, self.skip_steps, self.calibration_steps, self.margin = seconds, skip_steps, calibration_steps, margin
+        self.seconds, self.skip_steps = seconds, skip_steps
+        self.calibration_steps, self.margin = calibration_steps, margin
         self.planned_steps: int | None = None  # decided once per run, then checkpointed
         self._start = self._timed_from = None
         self._first_step = 0

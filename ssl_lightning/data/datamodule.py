@@ -23,7 +23,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ssl_lightning.data.batched_views import BatchedViews, blur_choices, restore_blur_choices
+from ssl_lightning.data.batched_views import BatchedViews
+from ssl_lightning.data.blur import blur_choices, restore_blur_choices
 from ssl_lightning.data.crops import DECODE_PLACES, ON_CORRUPT, CroppedViewsDataset, collate_encoded, crops_on_device
 from ssl_lightning.data.resumable import ResumableSampler
 from ssl_lightning.data.datasets import TensorImageDataset, dataset_info, find_data_dir, load_dataset

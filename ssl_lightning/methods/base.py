@@ -229,14 +229,9 @@ class SSLMethod(pl.LightningModule):
         images, labels = batch
         probe_loss, logits, kept = self.probe.loss(self(images), labels)
         self.log("probe/val_loss", probe_loss, sync_dist=True)
-        self._log_accuracy("val", logits, kept, on_step=False)
-
-    def _log_accuracy(self, split: str, logits: torch.Tensor, labels: torch.Tensor, on_step: bool) -> None:
-        for name, metric in self.probe_metrics.items():
-            if name.startswith(split):
-                metric(logits, labels)
-                self.log(f"probe/{name}", metric, on_step=on_step, on_epoch=not on_step,
-                         prog_bar=name == "val_top1")
+        for name, metric in self.probe_metrics.items():  # accumulated over the epoch, synced once
+            metric(logits, kept)
+            self.log(f"probe/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "val_top1")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.resolve_nonfinite()
