@@ -267,6 +267,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "landscape": ("ssl_lightning.landscape", "main"),
     "hessian": ("ssl_lightning.landscape.hessian_command", "main"),
     "export": ("ssl_lightning.export", "main"),
+    "audit": ("ssl_lightning.audit.command", "main"),
+    "embed": ("ssl_lightning.eval.embed", "main"),
+    "label-efficiency": ("ssl_lightning.eval.label_efficiency", "main"),
+    "robustness": ("ssl_lightning.eval.robustness", "main"),
     **{name: ("ssl_lightning.eval.commands", "main") for name in EVAL_COMMANDS},
 }
 

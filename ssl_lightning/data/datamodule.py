@@ -16,18 +16,28 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_lightning.data.batched_views import BatchedViews
 from ssl_lightning.data.blur import blur_choices, restore_blur_choices
 from ssl_lightning.data.crops import DECODE_PLACES, ON_CORRUPT, CroppedViewsDataset, collate_encoded, crops_on_device
 from ssl_lightning.data.resumable import ResumableSampler
-from ssl_lightning.data.datasets import TensorImageDataset, dataset_info, find_data_dir, load_dataset
+from ssl_lightning.data.datasets import (
+    TensorImageDataset,
+    dataset_info,
+    find_data_dir,
+    load_dataset,
+    read_path_list,
+    sample_paths,
+    without_paths,
+)
 from ssl_lightning.data.views import MultiViewTransform, ViewConfig, as_view_configs, build_eval_transform
 
 log = logging.getLogger(__name__)
@@ -51,7 +61,7 @@ class TransformedDataset(Dataset):
 
 
 AUGMENT_MODES = ("workers", "device")
-FIXED_SIZE_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "synthetic")
+FIXED_SIZE_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "synthetic", "digits")
 FILE_DATASETS = ("imagefolder",)  # variable-size files: augment: device crops them in the workers
 
 
@@ -88,6 +98,7 @@ class SSLDataModule(pl.LightningDataModule):
         augment: str = "workers",
         on_corrupt: str = "error",
         decode: str = "workers",
+        exclude: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -120,6 +131,10 @@ class SSLDataModule(pl.LightningDataModule):
         self.skipped_per_epoch: dict[int, int] = {}  # on_corrupt: skip -> replaced samples per epoch
         self._skipped_files: set[str] = set()
         self._reported_epochs: set[int] = set()
+        # data.exclude: paths left out of every split (an audit's --write-exclude file); absolute paths of
+        # image files, or relative to data_dir; pseudo-paths like fashion_mnist/train/00123 for in-memory data
+        self._exclude_lines = read_path_list(exclude) if exclude else []
+        self._exclude_matched: dict[str, set[str]] | None = None
 
     # Read by the CLI to configure the model (link_arguments apply_on="instantiate").
     @property
@@ -144,8 +159,45 @@ class SSLDataModule(pl.LightningDataModule):
 
     def _load(self, split: str, *, labelled: bool) -> Dataset:
         hp = self.hparams
-        return load_dataset(hp.dataset, hp.data_dir, split, labelled=labelled, download=hp.download,
+        base = load_dataset(hp.dataset, hp.data_dir, split, labelled=labelled, download=hp.download,
                             synthetic_size=hp.synthetic_size, image_size=self.info.image_size)
+        if not self._exclude_lines:
+            return base
+        if self._exclude_matched is None:
+            self._count_excluded()
+        return without_paths(base, sample_paths(base, hp.dataset, split), self._excluded_keys())
+
+    def _excluded_keys(self) -> set[str]:
+        """Each line of the exclude file as written and, for image folders, as an absolute path (a
+        relative line read from data_dir and from the working directory)."""
+        keys = set(self._exclude_lines)
+        if self.hparams.dataset in FILE_DATASETS:
+            root = str(find_data_dir(self.hparams.dataset, self.hparams.data_dir))
+            keys |= {os.path.abspath(os.path.join(root, line)) for line in self._exclude_lines}
+            keys |= {os.path.abspath(line) for line in self._exclude_lines}
+        return keys
+
+    def _count_excluded(self) -> None:
+        """Prints once how many samples data.exclude leaves out of each split, and its lines that match none."""
+        hp, keys = self.hparams, self._excluded_keys()
+        self._exclude_matched = {}
+        for split in ("train", "val"):
+            try:
+                base = load_dataset(hp.dataset, hp.data_dir, split, labelled=False, synthetic_size=hp.synthetic_size,
+                                    image_size=self.info.image_size)
+            except FileNotFoundError:
+                continue
+            self._exclude_matched[split] = set(sample_paths(base, hp.dataset, split)) & keys
+        matched = set().union(*self._exclude_matched.values())
+        root = os.path.abspath(hp.data_dir or "")
+        unmatched = [line for line in self._exclude_lines if not {line, os.path.abspath(line),
+                     os.path.abspath(os.path.join(root, line))} & matched]
+        counts = ", ".join(f"{split} {len(paths)}" for split, paths in self._exclude_matched.items())
+        line = f"data.exclude: {len(matched)} samples left out ({counts}), listed in {hp.exclude}"
+        if unmatched:
+            line += f"; {len(unmatched)} of its {len(self._exclude_lines)} lines match no sample (first: {unmatched[0]})"
+        if rank_zero_only.rank == 0:
+            print(line, file=sys.stderr, flush=True)
 
     def setup(self, stage: str) -> None:
         self.per_device_batch_size()  # fail early, before any data is read, if it does not divide

@@ -1,4 +1,5 @@
-"""Dataset readers: Fashion-MNIST (idx), CIFAR-10/100 (python pickles), STL-10 (binary), image folders, synthetic.
+"""Dataset readers: Fashion-MNIST (idx), CIFAR-10/100 (python pickles), STL-10 (binary), image folders, synthetic,
+scikit-learn's 8x8 handwritten digits.
 
 Every dataset yields ``(uint8 image tensor (C, H, W), int label)``; label -1 means unlabelled.
 The on-disk formats are parsed here (no md5 checks); torchvision is used only to download.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import pickle
 import struct
 import warnings
@@ -21,7 +23,8 @@ from torch.utils.data import Dataset
 
 from ssl_lightning.data.decode import decode, open_image
 
-DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic",
+                                   "digits")
 SPLITS: tuple[str, ...] = ("train", "val")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "ssl_lightning"
@@ -45,6 +48,7 @@ _STATIC_INFO: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": DatasetInfo(3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "stl10": DatasetInfo(3, 96, 10, (0.4408, 0.4279, 0.3867), (0.2683, 0.2610, 0.2687)),
+    "digits": DatasetInfo(1, 8, 10, (0.3047,), (0.3756,)),  # of the train split
 }
 
 
@@ -149,6 +153,12 @@ def _find_imagefolder(data_dir: str | None) -> Path:
     return root
 
 
+def _find_digits(data_dir: str | None) -> Path:
+    """Reads no files; fails here, early, when scikit-learn (which ships the digits) is missing."""
+    _sklearn_digits()
+    return _default_root(data_dir)
+
+
 _FINDERS: dict[str, Callable[[str | None], Path]] = {
     "fashion_mnist": _find_fashion_mnist,
     "cifar10": partial(_find_in_subdir, "cifar10", "cifar-10-batches-py", _CIFAR10_TRAIN + ("test_batch",)),
@@ -156,6 +166,7 @@ _FINDERS: dict[str, Callable[[str | None], Path]] = {
     "stl10": partial(_find_in_subdir, "stl10", "stl10_binary", _STL_FILES),
     "imagefolder": _find_imagefolder,
     "synthetic": _default_root,  # reads no files
+    "digits": lambda data_dir: _find_digits(data_dir),
 }
 _DOWNLOADERS: dict[str, tuple[str, dict]] = {  # name -> torchvision dataset class, extra kwargs
     "fashion_mnist": ("FashionMNIST", {}),
@@ -256,11 +267,43 @@ def _read_stl10(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.cat([y, torch.full((len(images) - n_labelled,), -1, dtype=torch.int64)])
 
 
+DIGITS_TRAIN_FRACTION = 0.8
+
+
+def _sklearn_digits():
+    """scikit-learn's ``load_digits`` (imported only when the digits are used)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ModuleNotFoundError("digits: the dataset ships with scikit-learn, which is not installed; "
+                                  "`pip install scikit-learn`") from None
+    return load_digits
+
+
+def _read_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1797 handwritten digits, 8x8 values 0..16 -> (N, 1, 8, 8) uint8 0..255 and (N,)
+    labels 0..9. Split per class with one seeded permutation (seed 0): the first
+    round(0.8 * count) images are train (1438 in all), the rest val (359): the same on every machine."""
+    bunch = _sklearn_digits()()
+    images = torch.from_numpy(np.round(bunch.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    generator = torch.Generator().manual_seed(0)
+    chosen = []
+    for c in range(10):
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        keep = round(DIGITS_TRAIN_FRACTION * len(members))
+        chosen.append(members[:keep] if split == "train" else members[keep:])
+    indices = torch.cat(chosen).sort().values
+    return images[indices], labels[indices]
+
+
 _READERS: dict[str, Callable[[Path, str], tuple[torch.Tensor, torch.Tensor]]] = {
     "fashion_mnist": _read_fashion_mnist,
     "cifar10": partial(_read_cifar, {"train": _CIFAR10_TRAIN, "val": ("test_batch",)}, b"labels"),
     "cifar100": partial(_read_cifar, {"train": ("train",), "val": ("test",)}, b"fine_labels"),
     "stl10": _read_stl10,
+    "digits": lambda root, split: _read_digits(split),
 }
 
 
@@ -364,6 +407,41 @@ _LOADERS: dict[str, Callable[[_Request], Dataset]] = {
     "imagefolder": _load_imagefolder,
     "synthetic": _load_synthetic,
 }
+
+
+def sample_paths(dataset: Dataset, name: str, split: str) -> list[str]:
+    """The name of each sample of ``load_dataset(name, ..., split)``: an image file's absolute path, or
+    for in-memory datasets the pseudo-path ``<name>/<split>/<index, 5+ digits>`` (``fashion_mnist/train/00123``).
+    A dataset with samples left out (``without_paths``) keeps the names of the samples it kept."""
+    kept = getattr(dataset, "sample_paths", None)
+    if kept is not None:
+        return list(kept)
+    if isinstance(dataset, ImageFolderDataset):
+        return [os.path.abspath(f) for f in dataset.files]
+    return [f"{name}/{split}/{i:05d}" for i in range(len(dataset))]
+
+
+def read_path_list(file: str | Path) -> list[str]:
+    """The paths listed in ``file``, one per line; blank lines and ``#`` comments skipped.
+    ValueError naming the file when it does not exist."""
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise ValueError(f"data.exclude: no such file {path}; write one with `ssl-lightning audit --write-exclude "
+                         f"{path}` or drop data.exclude")
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def without_paths(dataset: Dataset, paths: list[str], excluded: set[str]) -> Dataset:
+    """``dataset`` without the samples whose path (``paths[i]`` names sample i) is in ``excluded``."""
+    keep = [i for i, p in enumerate(paths) if p not in excluded]
+    if isinstance(dataset, ImageFolderDataset):
+        out = ImageFolderDataset([dataset.files[i] for i in keep], [dataset.labels[i] for i in keep], dataset.classes)
+    else:
+        index = torch.tensor(keep, dtype=torch.int64)
+        out = TensorImageDataset(dataset.images[index], dataset.labels[index])
+    out.sample_paths = [paths[i] for i in keep]
+    return out
 
 
 def _check_name(name: str) -> None:

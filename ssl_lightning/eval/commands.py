@@ -1,6 +1,7 @@
 """``ssl-lightning linear|knn|finetune --ckpt ...``: offline evaluation of a checkpoint of any method.
 
 linear and knn look at the frozen backbone; finetune trains it end-to-end on a fraction of the labels.
+``--data.dataset`` / ``--data.data_dir`` evaluate on another dataset (ssl_lightning.eval.transfer).
 
 Results are printed and logged to W&B under ``eval/`` (offline unless WANDB_MODE=online) in a run of
 their own (job_type "eval"), grouped with the pre-training run whose id is stored next to the
@@ -13,6 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ssl_lightning.eval.transfer import add_data_arguments, data_options
 from ssl_lightning.wandb_run import RUN_ID_FILE
 
 
@@ -68,26 +70,29 @@ def run_command(command: str, args: argparse.Namespace) -> dict[str, float]:
         from ssl_lightning.eval.linear import linear_eval
 
         return linear_eval(args.ckpt, epochs=args.epochs, num_workers=args.num_workers,
-                           train_samples=args.train_samples)
+                           train_samples=args.train_samples, data_options=data_options(args))
     if command == "knn":
         from ssl_lightning.eval.knn import knn_eval
 
         return knn_eval(args.ckpt, ks=tuple(args.ks), temperature=args.temperature, num_workers=args.num_workers,
-                        train_samples=args.train_samples)
+                        train_samples=args.train_samples, data_options=data_options(args))
     if command == "finetune":
         from ssl_lightning.eval.finetune import finetune_eval
 
         return finetune_eval(args.ckpt, label_fraction=args.labels / 100, epochs=args.epochs, lr=args.lr,
                              backbone_lr_scale=args.backbone_lr_scale, batch_size=args.batch_size, seed=args.seed,
-                             random_init=args.random_init, num_workers=args.num_workers)
+                             random_init=args.random_init, num_workers=args.num_workers,
+                             data_options=data_options(args))
     raise ValueError(f"unknown evaluation command {command!r}")
 
 
 def run_name(command: str, args: argparse.Namespace) -> str:
-    """finetune runs are told apart by label percent and init in W&B: finetune-1pct, finetune-random-10pct."""
-    if command != "finetune":
-        return command
-    return f"finetune-{'random-' if args.random_init else ''}{args.labels:g}pct"
+    """finetune runs are told apart by label percent and init in W&B: finetune-1pct, finetune-random-10pct;
+    another dataset is appended: linear-digits."""
+    name = command
+    if command == "finetune":
+        name = f"finetune-{'random-' if args.random_init else ''}{args.labels:g}pct"
+    return f"{name}-{args.data_dataset}" if args.data_dataset else name
 
 
 def main(command: str, argv: list[str]) -> None:
@@ -96,6 +101,7 @@ def main(command: str, argv: list[str]) -> None:
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--no_wandb", action="store_true", help="print only")
     add_command_arguments(parser, command)
+    add_data_arguments(parser)
     args = parser.parse_args(argv)
     results = run_command(command, args)
     name = run_name(command, args)

@@ -9,6 +9,7 @@ import torch
 
 from ssl_lightning.checkpointing import CheckpointError, load_checkpoint
 from ssl_lightning.data.datamodule import SSLDataModule
+from ssl_lightning.eval.transfer import backbone_channels, input_adapter
 from ssl_lightning.methods import SSLMethod
 
 
@@ -37,11 +38,13 @@ def build_datamodule(data: dict, *, num_workers: int = 0) -> SSLDataModule:
 def extract_features(method: SSLMethod, data: dict, split: str, *, batch_size: int = 512, num_workers: int = 0,
                      max_samples: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float32, labels (N,)) of the labelled ``split`` with the eval transform
-    (SSLDataModule.eval_loader); a fixed seeded subset of ``max_samples`` when given."""
+    (SSLDataModule.eval_loader); a fixed seeded subset of ``max_samples`` when given. Data with other
+    channels than the backbone's (another dataset, ssl_lightning.eval.transfer) is adapted to them."""
     datamodule = build_datamodule(data, num_workers=num_workers)
+    adapt = input_adapter(backbone_channels(method), datamodule.info)
     loader = datamodule.eval_loader(split, max_samples, batch_size=batch_size, seed=seed)
     feats, labels = [], []
     for images, y in loader:
-        feats.append(method(images).float())
+        feats.append(method(adapt(images)).float())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_lightning.eval.features import extract_features, load_method
+from ssl_lightning.eval.transfer import evaluation_data
 from ssl_lightning.methods import SSLMethod
 
 
@@ -54,7 +55,8 @@ def linear_eval_method(method: SSLMethod, data: dict, *, epochs: int = 30, num_w
             "linear/seconds": time.time() - start}
 
 
-def linear_eval(ckpt: str, **kwargs) -> dict[str, float]:
-    """linear_eval_method on a checkpoint written by ``ssl-lightning fit``."""
+def linear_eval(ckpt: str, data_options: dict | None = None, **kwargs) -> dict[str, float]:
+    """linear_eval_method on a checkpoint written by ``ssl-lightning fit``; ``data_options``: another
+    dataset (ssl_lightning.eval.transfer.evaluation_data's keyword arguments)."""
     method, data = load_method(ckpt)
-    return linear_eval_method(method, data, **kwargs)
+    return linear_eval_method(method, evaluation_data(method, data, **(data_options or {})), **kwargs)
