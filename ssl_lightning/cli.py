@@ -29,7 +29,7 @@ from ssl_lightning.checkpointing import CHECKPOINT_DIR, CheckpointError, LastChe
 from ssl_lightning.console import first_line, hide_unactionable_messages
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.distributed import peer_failure
-from ssl_lightning.failure_requeue import record_fit_error
+from ssl_lightning.cluster.failure_requeue import record_fit_error
 from ssl_lightning.methods import METHODS, SSLMethod
 from ssl_lightning.precision import accept_auto, resolve_precision
 from ssl_lightning.strategy import COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S
@@ -262,7 +262,7 @@ def main(args: list[str] | None = None) -> None:
 
 # Commands outside LightningCLI: name -> (module, function taking the remaining arguments)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "submit": ("ssl_lightning.slurm", "main"),
+    "submit": ("ssl_lightning.cluster.submit", "main"),
     "results": ("ssl_lightning.results", "main"),
     "landscape": ("ssl_lightning.landscape", "main"),
     "hessian": ("ssl_lightning.landscape.hessian_command", "main"),

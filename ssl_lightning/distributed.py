@@ -7,6 +7,7 @@ Outside a process group they are identities, so the same loss code runs on one d
 """
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -219,3 +220,16 @@ def peer_failure(exc: BaseException) -> str | None:
             return first
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def layout_line(trainer, global_batch: int, peak_lr: float) -> str:
+    """What each rank prints at the start of a fit: where it runs and what the batch and learning rate
+    are. The batch is global (``data.batch_size``), so the peak lr does not change with the number of
+    nodes or devices; only the per-device share does."""
+    nodes, devices = trainer.num_nodes, trainer.num_devices
+    per_device = global_batch // (nodes * devices * trainer.accumulate_grad_batches)
+    return (f"ssl-lightning: rank {trainer.global_rank} of {trainer.world_size} on node {trainer.node_rank} of "
+            f"{nodes} ({socket.gethostname()}), local rank {trainer.local_rank}; global batch {global_batch} = "
+            f"{nodes} node(s) x {devices} device(s) x {per_device} per device"
+            f"{f' x {trainer.accumulate_grad_batches} accumulated' if trainer.accumulate_grad_batches > 1 else ''}"
+            f"; peak lr {peak_lr:.6g}")

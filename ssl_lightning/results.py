@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from ssl_lightning.callbacks.summary import SUMMARY_FILE, read_json, read_summary
-from ssl_lightning.sweep import TASK_FILE
+from ssl_lightning.cluster.sweep import TASK_FILE
 
 # columns of the grouped table, in this order, when any run has them
 TABLE_METRICS = ("linear/top1", "knn/top1_k20", "probe/val_top1", "best/probe/val_top1", "knn/top1",

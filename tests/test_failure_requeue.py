@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from pytorch_lightning.utilities import rank_zero_only
 
-from ssl_lightning import sweep
+from ssl_lightning.cluster import sweep
 from ssl_lightning.callbacks.summary import read_summary, write_json
-from ssl_lightning.failure_requeue import RECORD_FILE, TASK_DIR_VARIABLE, curable, record_fit_error
+from ssl_lightning.cluster.failure_requeue import RECORD_FILE, TASK_DIR_VARIABLE, curable, record_fit_error
 
 
 @pytest.fixture

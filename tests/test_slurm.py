@@ -24,7 +24,8 @@ import torch
 import wandb
 
 from helpers import offline_runs_of
-from ssl_lightning import results, slurm
+from ssl_lightning import results
+from ssl_lightning.cluster import shared_fs, submit as slurm
 from ssl_lightning.callbacks.summary import read_summary
 from ssl_lightning.wandb_offline import read_offline_run
 
@@ -244,6 +245,9 @@ PARTITION = slurm.Partition("debug", nodes=2, cpus_per_node=16, gpus_per_node=4)
     (["--gpus-per-node", "1", "--time", "1", "--signal-seconds", "90"], "--signal-seconds 90 is not shorter"),
     (["--nodes", "0"], "--nodes 0 must be at least 1"),
     (["--gpus-per-node", "1", "--max-failure-requeues", "-1"], "--max-failure-requeues -1 must be >= 0"),
+    (["--gpus-per-node", "1", "--cpus-per-task", "2", "--nodes", "2", "--runs", "/tmp/ssl-runs"],
+     "run directory /tmp/ssl-runs (tmpfs) is node-local on a cluster" if shared_fs.mount_type(Path("/tmp")) == "tmpfs"
+     else "run directory /tmp/ssl-runs"),
 ])
 def test_impossible_requests_are_rejected_before_sbatch(args, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(slurm, "query_partition", lambda name: PARTITION)
@@ -283,3 +287,25 @@ def test_gres_gpu_counts():
     assert slurm.parse_gres_gpus("gpu:4") == 4
     assert slurm.parse_gres_gpus("gpu:h100:8(S:0-1)") == 8
     assert slurm.parse_gres_gpus("(null)") == 0
+
+
+MOUNTS = """/dev/vda / ext4 rw 0 0
+tmpfs /dev/shm tmpfs rw 0 0
+nfs.example:/home /home nfs4 rw 0 0
+scratch@o2ib:/lustre /scratch lustre rw 0 0
+"""
+
+
+@pytest.mark.parametrize("path, nodes, verdict", [
+    ("/home/me/runs", 2, None), ("/scratch/runs", 4, None),          # network file systems: fine
+    ("/work/runs", 2, "note: run directory /work/runs is on a ext4 file system"),  # local disk: exported?
+    ("/tmp/runs", 2, "ValueError"), ("/dev/shm/runs", 2, "ValueError"),  # node-local on every cluster
+    ("/tmp/runs", 1, None),                                          # one node: anything goes
+])
+def test_multi_node_run_directory_must_be_shared(path, nodes, verdict):
+    if verdict == "ValueError":
+        with pytest.raises(ValueError, match="is node-local on a cluster.*--runs DIR on a file system every node"):
+            shared_fs.check_run_dir(Path(path), nodes, MOUNTS)
+    else:
+        note = shared_fs.check_run_dir(Path(path), nodes, MOUNTS)
+        assert (note is None) if verdict is None else note.startswith(verdict), note

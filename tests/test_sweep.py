@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
-from ssl_lightning import results, slurm, sweep
+from ssl_lightning import results
+from ssl_lightning.cluster import submit as slurm, sweep
 from ssl_lightning.callbacks.summary import read_summary, write_json
 from ssl_lightning.cli import SSLCLI
 

@@ -9,6 +9,7 @@ Monitoring lives in callbacks; math lives in ssl_lightning.losses.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_lightning.callbacks.progress import LogIntervalProgressBar
 from ssl_lightning.checkpointing import rng_state, set_rng_state
-from ssl_lightning.distributed import DelayedHostRead
+from ssl_lightning.distributed import DelayedHostRead, layout_line
 from ssl_lightning.losses.supervised import labelled_cross_entropy
 from ssl_lightning.metrics import topk_accuracy
 from ssl_lightning.models.backbones import build_backbone
@@ -246,6 +247,7 @@ class SSLMethod(pl.LightningModule):
         trainer = self.trainer
         global_batch = self.hparams.batch_size * trainer.accumulate_grad_batches
         optimizer = build_optimizer(param_groups(self, self.probe, self.optim_cfg, global_batch), self.optim_cfg)
+        print(layout_line(trainer, global_batch, self.optim_cfg.peak_lr(global_batch)), file=sys.stderr, flush=True)
         total = int(trainer.estimated_stepping_batches)  # also sets up the train loader
         per_epoch = max(1, int(min(trainer.num_training_batches, total)) // trainer.accumulate_grad_batches)
         scheduler = build_scheduler(optimizer, self.optim_cfg, total_steps=total, steps_per_epoch=per_epoch)

@@ -1,6 +1,6 @@
 """A SLURM task whose fit died of a failure that a restart can cure requeues itself.
 
-The job script (slurm/job.sbatch) ends every task with ``python -m ssl_lightning.sweep finish``; when
+The job script (slurm/job.sbatch) ends every task with ``python -m ssl_lightning.cluster.sweep finish``; when
 the fit's step (srun) exited with
 
 - status 3: a rank lost another process of the distributed run (ssl_lightning.cli: a peer killed,

@@ -8,9 +8,9 @@
     ssl-lightning submit --config ... -- --trainer.max_epochs 10                                 # extra fit args
 
 Everything the job writes lives under runs/<job name>/ (one sub-directory per array task, named
-after its config, grid values and seed: ssl_lightning.sweep), so a requeued job (same name) finds
+after its config, grid values and seed: ssl_lightning.cluster.sweep), so a requeued job (same name) finds
 its checkpoint and W&B run; all tasks share the W&B group <job name>. Each task ends with
-``python -m ssl_lightning.sweep finish`` (failure status, optional offline evaluation), and
+``python -m ssl_lightning.cluster.sweep finish`` (failure status, optional offline evaluation), and
 ``ssl-lightning results runs/<job name>`` tabulates the sweep. Impossible resources are rejected before
 sbatch is called: an indivisible global batch, more nodes / CPUs / GPUs than the partition has, a
 malformed time limit, a warning signal later than the time limit.
@@ -28,9 +28,10 @@ from string import Template
 
 import yaml
 
-from ssl_lightning import sweep
+from ssl_lightning.cluster import sweep
+from ssl_lightning.cluster.shared_fs import check_run_dir
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
 SBATCH = "sbatch"
 TIME_FORMATS = (r"(?P<m>\d+)", r"(?P<m>\d+):(?P<s>\d+)", r"(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)", r"(?P<d>\d+)-(?P<h>\d+)",
                 r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+)", r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)")
@@ -116,8 +117,14 @@ def validate(args: argparse.Namespace, partition: Partition | None) -> None:
             lower, upper = batch // processes * processes, (batch // processes + 1) * processes
             raise ValueError(f"data.batch_size {batch} in {config} is not divisible by {processes} processes "
                              f"({args.nodes} nodes x {args.tasks_per_node} per node); use {lower or upper} or {upper}")
+        print(f"{config.name}: global batch {batch} = {args.nodes} node(s) x {args.tasks_per_node} task(s) per node x "
+              f"{batch // processes} per task (the learning rate follows the global batch, not the node count)")
     if args.local:
         return  # no SLURM resources to check
+    if not args.allow_node_local_runs:
+        note = check_run_dir(Path(args.runs), args.nodes)
+        if note:
+            print(note, file=sys.stderr)
     if args.time is None:
         raise ValueError("--time is required for a SLURM job (e.g. --time 4:00:00); or run here with --local")
     limit = time_limit_seconds(args.time)
@@ -199,6 +206,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the sweep's name: runs/<name> and the W&B group "
                         "(default: <dataset>-<method>, or <dataset>-sweep for several configs or a grid)")
     p.add_argument("--runs", default="runs", help="parent of the run directory runs/<job name>")
+    p.add_argument("--allow-node-local-runs", action="store_true",
+                   help="with --nodes > 1: accept a run directory under /tmp or on tmpfs (only where every node "
+                        "shares it, as on the local test cluster)")
     p.add_argument("--max-array", type=int, default=1000, help="refuse sweeps with more tasks than this")
     p.add_argument("--max-failure-requeues", type=int, default=2,
                    help="requeue a task at most this often after a rank died or hung (exit 3 or a signal), "
