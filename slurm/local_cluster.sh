@@ -114,17 +114,35 @@ slurmd_running() {
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = slurmd ]
 }
 
+# Waits up to $1 seconds until no process named $2, $3 ... is left; status 1 if some are.
+gone_within() {
+  local seconds=$1 name; shift
+  for _ in $(seq $((seconds * 2))); do
+    for name in "$@"; do pgrep -x "$name" >/dev/null && break; name=""; done
+    [ -z "$name" ] && return 0
+    sleep 0.5
+  done
+  return 1
+}
+
 stop_daemons() {
   pkill -x slurmd || true
   pkill -x slurmctld || true
-  for _ in $(seq 20); do pgrep '^(slurmd|slurmctld)$' >/dev/null || return 0; sleep 0.5; done
-  die "daemons still running after 10 s"
+  gone_within 10 slurmd slurmctld && return 0
+  # a slurmd still registering with a controller that is gone does not act on SIGTERM
+  pkill -9 -x slurmd || true
+  pkill -9 -x slurmctld || true
+  gone_within 10 slurmd slurmctld || die "slurmd/slurmctld still running after SIGKILL"
 }
 
 stop() {
   stop_daemons
   "$HERE/netns_nodes.sh" down
-  if [ -f "$DIR/munged.started" ]; then pkill -x munged || true; rm -f "$DIR/munged.started"; fi
+  if [ -f "$DIR/munged.started" ]; then
+    pkill -x munged || true
+    gone_within 10 munged || die "munged still running 10 s after SIGTERM"
+    rm -f "$DIR/munged.started"
+  fi
   echo "local_cluster: stopped"
 }
 
