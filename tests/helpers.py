@@ -40,6 +40,13 @@ def tiny_vicreg(data: SSLDataModule, **kwargs) -> VICReg:
     return VICReg(**{**defaults, **kwargs})
 
 
+def tiny_checkpoint(directory: Path, data: SSLDataModule) -> Path:
+    """last.ckpt of a width-4 VICReg convnet after 2 steps on ``data``."""
+    tiny_trainer(directory / "checkpoints", max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
+        tiny_vicreg(data), data)
+    return directory / "checkpoints" / "last.ckpt"
+
+
 def tiny_trainer(ckpt_dir, **kwargs) -> pl.Trainer:
     # default_root_dir: a test passing its own callbacks still gets Lightning's default checkpoint,
     # which must land in its tmp dir, not in the repository

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import tiny_data, tiny_trainer, tiny_vicreg
+from helpers import tiny_checkpoint, tiny_data
 from ssl_lightning.cli import main
 from ssl_lightning.eval.finetune import balanced_subset, nested_subsets
 from ssl_lightning.eval.label_efficiency import LabelsSaved, labels_saved, rounding_notes, train_linear_heads
@@ -19,9 +19,7 @@ def tiny_ckpt(tmp_path_factory):
     """A width-4 VICReg convnet after 2 steps on synthetic data (128 train images, about 13 per class)."""
     tmp = tmp_path_factory.mktemp("run")
     data = tiny_data()
-    tiny_trainer(tmp / "checkpoints", max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
-        tiny_vicreg(data), data)
-    return tmp / "checkpoints" / "last.ckpt"
+    return tiny_checkpoint(tmp, data)
 
 
 def test_subsets_nest_are_balanced_and_round_up_to_one():

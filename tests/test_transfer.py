@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import tiny_data, tiny_trainer, tiny_vicreg
+from helpers import tiny_checkpoint, tiny_data
 from ssl_lightning.cli import main
 from ssl_lightning.data.datamodule import SSLDataModule
 from ssl_lightning.data.datasets import DatasetInfo, load_dataset
@@ -20,9 +20,7 @@ def fashion_ckpt(tmp_path_factory):
     """A width-4 VICReg convnet (1 channel, 28 px) after 2 steps on real Fashion-MNIST."""
     tmp = tmp_path_factory.mktemp("fashion")
     data = SSLDataModule(dataset="fashion_mnist", batch_size=32, num_workers=0, views=[ViewConfig(size=28)] * 2)
-    tiny_trainer(tmp / "checkpoints", max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
-        tiny_vicreg(data), data)
-    return tmp / "checkpoints" / "last.ckpt"
+    return tiny_checkpoint(tmp, data)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +28,7 @@ def rgb_ckpt(tmp_path_factory):
     """A width-4 VICReg convnet (3 channels, 16 px) after 2 steps on synthetic data."""
     tmp = tmp_path_factory.mktemp("rgb")
     data = tiny_data()
-    tiny_trainer(tmp / "checkpoints", max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
-        tiny_vicreg(data), data)
-    return tmp / "checkpoints" / "last.ckpt"
+    return tiny_checkpoint(tmp, data)
 
 
 def note_line(out: str) -> str:
