@@ -262,7 +262,7 @@ BAD_VALUES = [  # (arguments, what the one line must contain)
     (["--model.init_args.backbone", "resnet999"], "unknown backbone 'resnet999'; choose one of"),
     (["--preemption.signal_name", "SIGFOO"], "unknown signal 'SIGFOO'"),
     (["--model.init_args.projector", "32-abc"], "MLP spec '32-abc' is not a '-'-separated list"),
-    (["--data.dataset", "imagenet5"], "augment: device supports fashion_mnist, cifar10, cifar100, stl10, synthetic, imagefolder; use augment: workers for imagenet5"),
+    (["--data.dataset", "imagenet5"], "augment: device supports fashion_mnist, cifar10, cifar100, stl10, synthetic, digits, imagefolder; use augment: workers for imagenet5"),
     (["--no_such_key", "1"], "unrecognized arguments: --no_such_key 1"),
 ]
 

@@ -265,7 +265,7 @@ def test_dry_run_prints_the_job_script(monkeypatch, capsys):
     monkeypatch.setattr(slurm, "SBATCH", "/nonexistent/sbatch")
     slurm.main(["--config", str(ROOT / "experiments/fashion_mnist/vicreg.yaml"),
                 str(ROOT / "experiments/cifar10/vicreg.yaml"), "--seeds", "0", "1", "--gpus-per-node", "2",
-                "--cpus-per-task", "4", "--time", "1-00:00:00", "--nodes", "2", "--dry-run"])
+                "--cpus-per-task", "4", "--time", "1-00:00:00", "--nodes", "2", "--runs", "/srv/ssl-runs", "--dry-run"])
     script = capsys.readouterr().out
     for line in ("#SBATCH --job-name=fashion_mnist-sweep", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2",
                  "#SBATCH --gpus-per-node=2", "#SBATCH --array=0-3", "#SBATCH --signal=B:USR1@120",

@@ -121,10 +121,6 @@ def validate(args: argparse.Namespace, partition: Partition | None) -> None:
               f"{batch // processes} per task (the learning rate follows the global batch, not the node count)")
     if args.local:
         return  # no SLURM resources to check
-    if not args.allow_node_local_runs:
-        note = check_run_dir(Path(args.runs), args.nodes)
-        if note:
-            print(note, file=sys.stderr)
     if args.time is None:
         raise ValueError("--time is required for a SLURM job (e.g. --time 4:00:00); or run here with --local")
     limit = time_limit_seconds(args.time)
@@ -132,6 +128,7 @@ def validate(args: argparse.Namespace, partition: Partition | None) -> None:
         raise ValueError(f"--signal-seconds {args.signal_seconds} is not shorter than the time limit "
                          f"{args.time} ({limit} s); the job would be warned before it starts working")
     if partition is None:
+        check_shared_run_dir(args)
         return
     if args.nodes > partition.nodes:
         raise ValueError(f"--nodes {args.nodes} exceeds the {partition.nodes} node(s) of partition {partition.name}")
@@ -143,6 +140,15 @@ def validate(args: argparse.Namespace, partition: Partition | None) -> None:
     if args.gpus_per_node > partition.gpus_per_node:
         raise ValueError(f"--gpus-per-node {args.gpus_per_node} exceeds the {partition.gpus_per_node} GPUs per node "
                          f"of partition {partition.name}")
+    check_shared_run_dir(args)
+
+
+def check_shared_run_dir(args: argparse.Namespace) -> None:
+    """Refuses a node-local run directory for a multi-node job; prints a note for a local disk."""
+    if not args.allow_node_local_runs:
+        note = check_run_dir(Path(args.runs), args.nodes)
+        if note:
+            print(note, file=sys.stderr)
 
 
 def job_name(args: argparse.Namespace) -> str:
